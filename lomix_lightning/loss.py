@@ -1,0 +1,261 @@
+"""LoMixLoss: the paper's total objective (Eq. 9) over original and mutant maps, with pluggable weighting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from lomix_lightning.losses.ce_dice import ce_dice_loss
+from lomix_lightning.losses.structure import structure_loss
+from lomix_lightning.mutation import CombinatorialMutation, full_precision, fusion_dtype, upsample_to
+from lomix_lightning.ops.subsets import OPERATORS, map_family
+from lomix_lightning.weighting import LossWeighting, WeightingName, build_weighting
+
+Scheme = Literal["last_layer", "deep_supervision", "mutation", "lomix"]
+LossName = Literal["ce_dice", "structure"]
+PerMapLoss = Callable[[Tensor, Tensor], Tensor]
+
+SCHEMES: dict[str, tuple[tuple[str, ...], str]] = {
+    "last_layer": ((), "fixed"),
+    "deep_supervision": ((), "fixed"),
+    "mutation": (("add",), "fixed"),
+    "lomix": (OPERATORS, "learned"),
+}
+"""Each supervision scheme's default operators and weighting."""
+
+
+class LoMixLossOutput(NamedTuple):
+    """What :class:`LoMixLoss` returns.
+
+    Attributes:
+        total: The scalar training loss ``sum(weights * per_map)``.
+        per_map: ``(M,)`` unweighted per-map losses, in ``map_names`` order (detach before logging).
+        weights: ``(M,)`` the weights used.
+        original: Weighted loss of the network's own maps ``P1..PL`` (the part deep supervision would have).
+        mutant: Weighted loss of the mutant maps (0 without operators).
+    """
+
+    total: Tensor
+    per_map: Tensor
+    weights: Tensor
+    original: Tensor
+    mutant: Tensor
+
+
+class LoMixLoss(nn.Module):
+    r"""Supervise a network's multi-scale outputs and their fused mutants with per-map weights (paper Eq. 9).
+
+    .. math::
+        \mathcal{L} = \sum_{i=1}^{L} w_i \mathcal{L}_i + \sum_{op} \sum_{S} w_S^{(op)} \mathcal{L}_S^{(op)}
+
+    ``scheme`` picks the paper's four supervision settings; ``operators`` and ``weighting`` override its defaults, so
+    every ablation (single operators, fixed vs learned, learned deep supervision) is one argument away:
+
+    ===================  ==================================  ==========
+    scheme               maps                                weighting
+    ===================  ==================================  ==========
+    ``last_layer``       ``PL`` only                         fixed 1
+    ``deep_supervision`` ``P1..PL``                          fixed 1
+    ``mutation``         ``P1..PL`` + every ``add`` subset   fixed 1
+    ``lomix``            ``P1..PL`` + add, mul, cat, awf     learned
+    ===================  ==================================  ==========
+
+    All per-map losses are computed batched (one log-softmax over all maps of an operator, no host synchronisation),
+    in at least float32 even under autocast.
+
+    Args:
+        num_outputs: Number ``L`` of maps the network returns (coarse to fine; the last is the prediction).
+        num_classes: Number ``C`` of classes (1 for binary segmentation with the ``structure`` loss).
+        scheme: Supervision scheme, see the table.
+        operators: Operators to apply, overriding the scheme's (``None`` keeps them).
+        weighting: ``"learned"`` (softplus of a raw ``alpha`` per map, ``alpha`` starting at 0), ``"fixed"`` (1), or
+            a :class:`~lomix_lightning.weighting.LossWeighting` instance; ``None`` keeps the scheme's.
+        loss: Per-map loss: ``"ce_dice"`` (multi-class), ``"structure"`` (binary), or any callable
+            ``(logits (B, C, H, W), target) -> scalar``, applied to each map in turn.
+        ce_weight: Cross-entropy coefficient of ``ce_dice`` (paper: 0.3).
+        dice_weight: Dice coefficient of ``ce_dice`` (paper: 0.7).
+        ignore_index: A label value to ignore in ``ce_dice``.
+        check_target: Check that labels lie in ``[0, C)`` (one device-to-host sync per call; switch off for speed
+            once the data is trusted).
+
+    Raises:
+        ValueError: On an unknown scheme, operator, weighting or loss, ``num_outputs < 1``, operators given with
+            ``last_layer``, or a loss that does not fit ``num_classes``.
+
+    Example:
+        >>> loss = LoMixLoss(num_outputs=2, num_classes=3)
+        >>> loss.map_names
+        ['P1', 'P2', 'add(1,2)', 'mul(1,2)', 'cat(1,2)', 'awf(1,2)']
+        >>> outputs = [torch.randn(2, 3, 4, 4), torch.randn(2, 3, 8, 8)]
+        >>> result = loss(outputs, torch.randint(0, 3, (2, 8, 8)))
+        >>> result.per_map.shape, round(result.weights[0].item(), 4)
+        (torch.Size([6]), 0.6931)
+        >>> result.total.backward()
+    """
+
+    def __init__(
+        self,
+        num_outputs: int,
+        num_classes: int,
+        scheme: Scheme = "lomix",
+        operators: Sequence[str] | None = None,
+        weighting: WeightingName | LossWeighting | None = None,
+        loss: LossName | PerMapLoss = "ce_dice",
+        ce_weight: float = 0.3,
+        dice_weight: float = 0.7,
+        ignore_index: int | None = None,
+        check_target: bool = True,
+    ) -> None:
+        super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {scheme!r}; allowed schemes are {list(SCHEMES)}")
+        default_operators, default_weighting = SCHEMES[scheme]
+        if scheme == "last_layer" and operators:
+            raise ValueError(
+                f"scheme 'last_layer' supervises only the last map; operators must be empty, got {operators!r}"
+            )
+        self.scheme = scheme
+        self.mutation = CombinatorialMutation(
+            num_outputs, num_classes, default_operators if operators is None else operators
+        )
+        self.num_outputs, self.num_classes = num_outputs, num_classes
+        self.operators = self.mutation.operators
+        if scheme == "last_layer":
+            self.map_names = [f"P{num_outputs}"]
+        else:
+            self.map_names = list(self.mutation.map_names)
+        self.map_families = [map_family(name) for name in self.map_names]
+        self.weighting = build_weighting(default_weighting if weighting is None else weighting, len(self.map_names))
+        self.ignore_index = ignore_index
+        self.check_target = check_target
+        self.loss_name, self._batched, self._per_map_loss = self._build_loss(loss, ce_weight, dice_weight, ignore_index)
+
+    def _build_loss(
+        self, loss: LossName | PerMapLoss, ce_weight: float, dice_weight: float, ignore_index: int | None
+    ) -> tuple[str, bool, PerMapLoss]:
+        if callable(loss):
+            return getattr(loss, "__name__", type(loss).__name__), False, loss
+        if loss == "ce_dice":
+            if self.num_classes < 2:
+                raise ValueError(
+                    f"loss='ce_dice' needs num_classes >= 2 (softmax over classes), got num_classes={self.num_classes};"
+                    " use loss='structure' for binary segmentation with one output channel"
+                )
+            if ce_weight < 0 or dice_weight < 0:
+                raise ValueError(f"ce_weight and dice_weight must be >= 0, got {ce_weight} and {dice_weight}")
+            return (
+                loss,
+                True,
+                partial(ce_dice_loss, ce_weight=ce_weight, dice_weight=dice_weight, ignore_index=ignore_index),
+            )
+        if loss == "structure":
+            if self.num_classes != 1:
+                raise ValueError(
+                    f"loss='structure' is binary and needs num_classes=1, got num_classes={self.num_classes}"
+                )
+            if ignore_index is not None:
+                raise ValueError(f"loss='structure' does not support ignore_index (got {ignore_index})")
+            return loss, True, structure_loss
+        raise ValueError(
+            f"unknown loss {loss!r}; allowed are 'ce_dice', 'structure' or a callable (logits, target) -> scalar"
+        )
+
+    @property
+    def num_maps(self) -> int:
+        """Number ``M`` of supervised maps."""
+        return len(self.map_names)
+
+    @property
+    def learnable(self) -> bool:
+        """Whether the weights are learned."""
+        return self.weighting.learnable
+
+    def weights(self) -> Tensor:
+        """The ``(M,)`` current weights."""
+        return self.weighting()
+
+    def weights_dict(self) -> dict[str, float]:
+        """``{map name: weight}`` as Python floats, for logging (one host sync)."""
+        return dict(zip(self.map_names, self.weights().detach().float().cpu().tolist()))
+
+    def _target(self, target: Tensor, size: tuple[int, int], batch: int) -> Tensor:
+        binary = self.num_classes == 1
+        if binary and target.ndim == 4 and target.shape[1] == 1:
+            target = target[:, 0]
+        expected = (batch, *size)
+        if tuple(target.shape) != expected:
+            extra = " or (B, 1, H, W)" if binary else ""
+            raise ValueError(
+                f"target has shape {tuple(target.shape)}, expected (B, H, W){extra} = {expected} "
+                "to match the batch size and the largest output resolution"
+            )
+        if not binary and (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
+            raise TypeError(
+                f"target must hold integer class indices for num_classes={self.num_classes}, got {target.dtype}"
+            )
+        if self.check_target:
+            high = 1 if binary else self.num_classes - 1
+            bad = (target < 0) | (target > high)
+            if self.ignore_index is not None:
+                bad &= target != self.ignore_index
+            if bool(bad.any()):
+                values = torch.unique(target[bad])[:10].tolist()
+                allowed = "[0, 1]" if binary else f"[0, {self.num_classes})"
+                ignore = f" or ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
+                raise ValueError(f"target holds labels {values} outside {allowed}{ignore}")
+        return target
+
+    def _group_loss(self, maps: list[Tensor], target: Tensor) -> Tensor:
+        """``(M_g,)`` losses of a group of maps ``(B, C, H, W)``."""
+        if self._batched:
+            return self._per_map_loss(maps, target)
+        return torch.stack([self._per_map_loss(m, target).reshape(()) for m in maps])
+
+    def forward(self, outputs: Sequence[Tensor], target: Tensor) -> LoMixLossOutput:
+        """Compute the weighted total over all supervised maps.
+
+        Args:
+            outputs: ``L`` logit maps ``(B, C, H_l, W_l)``, coarse to fine; they are resized to the largest one.
+            target: ``(B, H, W)`` class indices at the largest output resolution (binary: ``(B, H, W)`` or
+                ``(B, 1, H, W)`` with values in ``[0, 1]``).
+
+        Returns:
+            A :class:`LoMixLossOutput`.
+        """
+        device = outputs[0].device if isinstance(outputs, Sequence) and len(outputs) else torch.device("cpu")
+        with full_precision(device):
+            if self.scheme == "last_layer":
+                per_map, unused = self._last_layer_loss(outputs, target), outputs[:-1]
+            else:
+                maps, stacked = self.mutation.prepare(outputs)
+                target = self._target(target, tuple(maps[0].shape[-2:]), maps[0].shape[0])
+                groups = [self._group_loss(maps, target)]
+                for op in self.operators:
+                    groups.append(self._group_loss(self.mutation.fuse(op, maps, stacked), target))
+                per_map, unused = torch.cat(groups), ()
+            weights = self.weights().to(per_map.dtype)
+            weighted = weights * per_map
+            num_original = 1 if self.scheme == "last_layer" else self.num_outputs
+            original = weighted[:num_original].sum()
+            for out in unused:  # a zero-weighted term keeps maps this scheme ignores in the graph (DDP needs that)
+                original = original + 0.0 * out.sum()
+            mutant = weighted[num_original:].sum()
+            return LoMixLossOutput(original + mutant, per_map, weights, original, mutant)
+
+    def _last_layer_loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
+        self.mutation.validate(outputs)
+        size = self.mutation.output_size(outputs)
+        final = upsample_to([outputs[-1]], size, fusion_dtype(outputs[-1].dtype))[0]
+        target = self._target(target, size, final.shape[0])
+        return self._group_loss([final], target)
+
+    def extra_repr(self) -> str:
+        """Summary shown in ``print(module)``."""
+        return (
+            f"scheme={self.scheme!r}, num_outputs={self.num_outputs}, num_classes={self.num_classes}, "
+            f"operators={list(self.operators)}, maps={self.num_maps}, loss={self.loss_name!r}"
+        )
