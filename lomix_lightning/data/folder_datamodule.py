@@ -1,0 +1,143 @@
+"""LightningDataModule over a folder of images and a folder of binary masks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning.pytorch as pl
+from torch.utils.data import DataLoader
+
+from lomix_lightning.data._common import check_int, make_loader, read_list_file
+from lomix_lightning.data.folder import FolderPair, FolderSegmentationDataset, pair_files
+from lomix_lightning.data.multiscale import MultiScaleCollate
+from lomix_lightning.data.splits import check_split_ratios, split_by_ratio
+from lomix_lightning.data.transforms import SeededTransform, folder_eval_transform, folder_train_transform
+
+__all__ = ["FolderSegmentationDataModule"]
+
+
+class FolderSegmentationDataModule(pl.LightningDataModule):
+    """Binary segmentation (one logit channel) from image/mask folders, for the ``structure`` loss.
+
+    Pairing and binarisation follow :mod:`lomix_lightning.data.folder`. The train/val/test split is a seeded
+    ``splits`` ratio split of the sorted image stems, or, with ``split_files``, the stems listed in
+    ``train.txt``/``val.txt``/``test.txt`` there. Training images get the rotation/flip augmentation (when
+    ``augment``), then each *batch* is resized to one of ``round(img_size * scale / 32) * 32`` for a random
+    ``scale`` in ``multiscale``. Validation and test images are resized to ``img_size`` only, so their masks are
+    evaluated at ``img_size`` resolution. Images are ImageNet-normalised; masks are int64 0/1.
+
+    Args:
+        images_dir: Folder of images.
+        masks_dir: Folder of masks (may equal ``images_dir``).
+        img_size: Base side length.
+        splits: ``(train, val, test)`` ratios summing to 1.
+        split_files: Folder with ``train.txt``, ``val.txt``, ``test.txt`` of image stems (overrides ``splits``).
+        seed: Seed of the split, the augmentation, the scale choice and the shuffle.
+        multiscale: Training scales; ``[1.0]`` for single-scale training.
+        augment: Random rotation (+-90 degrees) and horizontal/vertical flips for training.
+        batch_size: Batch size.
+        num_workers: DataLoader workers.
+        class_name: Name of the foreground class (``class_names == [class_name]``).
+
+    Raises:
+        ValueError: On bad arguments; in ``setup``, on an empty folder, images without masks, an unknown stem in a
+            split file, or a stem listed twice.
+
+    Example:
+        >>> dm = FolderSegmentationDataModule("data/Kvasir/images", "data/Kvasir/masks")
+        >>> dm.num_classes, dm.in_channels, dm.class_names
+        (1, 3, ['foreground'])
+    """
+
+    def __init__(
+        self,
+        images_dir: str,
+        masks_dir: str,
+        img_size: int = 352,
+        splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        split_files: str | None = None,
+        seed: int = 42,
+        multiscale: Sequence[float] = (0.75, 1.0, 1.25),
+        augment: bool = True,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        class_name: str = "foreground",
+    ) -> None:
+        super().__init__()
+        check_int("img_size", img_size, minimum=32)
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("seed", seed, minimum=0)
+        check_int("num_workers", num_workers, minimum=0)
+        check_split_ratios(splits)
+        self.collate = MultiScaleCollate(img_size, multiscale, seed)  # validates the scales
+        self.save_hyperparameters()
+        self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
+        self.split_files = None if split_files is None else Path(split_files)
+        self.img_size, self.splits, self.seed, self.augment = img_size, tuple(splits), seed, augment
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.num_classes, self.in_channels, self.class_names = 1, 3, [class_name]
+        self.split_stems: dict[str, list[str]] = {}
+        self.train_set: FolderSegmentationDataset | None = None
+        self.val_set: FolderSegmentationDataset | None = None
+        self.test_set: FolderSegmentationDataset | None = None
+
+    def _split(self, pairs: list[FolderPair]) -> dict[str, list[str]]:
+        stems = [p.stem for p in pairs]
+        if self.split_files is None:
+            train, val, test = split_by_ratio(stems, self.splits, self.seed)
+            return {"train": train, "val": val, "test": test}
+        known, seen, out = set(stems), {}, {}
+        for split in ("train", "val", "test"):
+            list_file = self.split_files / f"{split}.txt"
+            entries = read_list_file(list_file)
+            unknown = [s for s in entries if s not in known]
+            if unknown:
+                raise ValueError(f"{list_file}: {len(unknown)} stem(s) without an image/mask pair, e.g. {unknown[:5]}")
+            twice = [s for s in entries if s in seen]
+            if twice:
+                raise ValueError(f"{list_file}: stem(s) {twice[:5]} already listed in {seen[twice[0]]}")
+            seen.update(dict.fromkeys(entries, list_file))
+            out[split] = entries
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        """Pair the files, split them and build the datasets."""
+        pairs = pair_files(self.images_dir, self.masks_dir)
+        self.split_stems = self._split(pairs)
+        by_stem = {p.stem: p for p in pairs}
+
+        def dataset(split: str, transform: SeededTransform) -> FolderSegmentationDataset:
+            return FolderSegmentationDataset([by_stem[s] for s in self.split_stems[split]], transform)
+
+        train_tf = SeededTransform(folder_train_transform(self.img_size, self.augment), self.seed)
+        eval_tf = SeededTransform(folder_eval_transform(self.img_size), self.seed)
+        self.train_set = dataset("train", train_tf)
+        self.val_set = dataset("val", eval_tf)
+        self.test_set = dataset("test", eval_tf)
+
+    def _loader(self, split: str) -> DataLoader:
+        if self.train_set is None:
+            self.setup()
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if len(dataset) == 0:
+            raise ValueError(f"the {split} split is empty (splits={self.splits}, split_files={self.split_files})")
+        if split == "train":
+            return make_loader(dataset, self.batch_size, self.num_workers, True, self.seed, collate_fn=self.collate)
+        return make_loader(dataset, self.batch_size, self.num_workers, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented, multi-scale training batches."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation images at ``img_size``."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test images at ``img_size``."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test images."""
+        return self._loader("test")
