@@ -2,6 +2,7 @@
 
 from lomix_lightning.loss import SCHEMES, LoMixLoss, LoMixLossOutput
 from lomix_lightning.losses import CEDiceLoss, StructureLoss, ce_dice_loss, structure_loss
+from lomix_lightning.module import LoMixSegmentationModule
 from lomix_lightning.mutation import CombinatorialMutation
 from lomix_lightning.ops import OPERATORS, enumerate_subsets, map_family, map_names
 from lomix_lightning.weighting import FixedWeighting, LossWeighting, SoftplusWeighting
@@ -14,6 +15,7 @@ __all__ = [
     "FixedWeighting",
     "LoMixLoss",
     "LoMixLossOutput",
+    "LoMixSegmentationModule",
     "LossWeighting",
     "OPERATORS",
     "SCHEMES",

@@ -1,0 +1,117 @@
+"""torchmetrics states for the module's validation and test scores (DDP-safe sums and concatenations)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchmetrics import Metric
+
+from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
+
+
+def confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """True positives, false positives and false negatives per class of label maps of any shape.
+
+    Example:
+        >>> tp, fp, fn = confusion_counts(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
+        >>> tp.tolist(), fp.tolist(), fn.tolist()
+        ([1, 1, 1], [0, 1, 0], [0, 0, 1])
+    """
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
+    tp = torch.bincount(target[pred == target], minlength=num_classes)
+    pred_count = torch.bincount(pred, minlength=num_classes)
+    target_count = torch.bincount(target, minlength=num_classes)
+    return tp, pred_count - tp, target_count - tp
+
+
+class SegmentationScores(Metric):
+    """Dataset-level Dice and IoU per foreground class from summed confusion counts, plus the mean per-image HD95.
+
+    Dice ``2 TP / (2 TP + FP + FN)`` and IoU ``TP / (TP + FP + FN)`` are pooled over all pixels of all images (as
+    torchmetrics ``DiceScore(aggregation_level="global")``); a class absent from both prediction and truth scores NaN.
+    HD95 is computed per image and class on the CPU under the empty-mask ``rule`` and averaged over images
+    (NaN entries skipped).
+
+    Args:
+        num_classes: Label values ``0..num_classes-1``; class 0 is the background and is not scored.
+        hd95: Compute HD95 (scipy, on the CPU).
+        rule: Empty-mask rule for HD95, see :func:`~lomix_lightning.metrics.per_class_metrics`.
+        ignore_index: Label value excluded from every score.
+    """
+
+    full_state_update = False
+
+    def __init__(
+        self, num_classes: int, hd95: bool = True, rule: EmptyRule = "transunet", ignore_index: int | None = None
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2 (background + foreground), got {num_classes}")
+        self.num_classes, self.with_hd95, self.rule, self.ignore_index = num_classes, hd95, rule, ignore_index
+        for name in ("tp", "fp", "fn"):
+            self.add_state(name, torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("hd95_sum", torch.zeros(num_classes - 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("hd95_count", torch.zeros(num_classes - 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """Add a batch of label maps ``(B, H, W)``."""
+        if self.ignore_index is not None:
+            keep = target != self.ignore_index
+            pred, target = torch.where(keep, pred, 0), torch.where(keep, target, 0)
+            counted_pred, counted_target = pred[keep], target[keep]
+        else:
+            counted_pred, counted_target = pred, target
+        tp, fp, fn = confusion_counts(counted_pred, counted_target, self.num_classes)
+        self.tp += tp
+        self.fp += fp
+        self.fn += fn
+        if self.with_hd95:
+            pred_np, target_np = pred.cpu().numpy(), target.cpu().numpy()
+            for p, t in zip(pred_np, target_np):
+                values = per_class_metrics(p, t, self.num_classes, rule=self.rule)["hd95"]
+                finite = ~np.isnan(values)
+                self.hd95_sum += torch.as_tensor(np.where(finite, values, 0.0), device=self.hd95_sum.device)
+                self.hd95_count += torch.as_tensor(finite.astype(np.float64), device=self.hd95_count.device)
+
+    def compute(self) -> dict[str, Tensor]:
+        """``{"dice", "iou", "hd95"}``, each ``(num_classes - 1,)`` over the foreground classes."""
+        tp, fp, fn = (x[1:].double() for x in (self.tp, self.fp, self.fn))
+        dice = 2 * tp / (2 * tp + fp + fn)  # NaN when a class is absent everywhere
+        iou = tp / (tp + fp + fn)
+        hd95 = self.hd95_sum / self.hd95_count if self.with_hd95 else torch.full_like(dice, float("nan"))
+        return {"dice": dice, "iou": iou, "hd95": hd95}
+
+
+class CaseScores(Metric):
+    """Per-case (e.g. per-volume) metric arrays, gathered across processes; mean over cases per class.
+
+    Args:
+        num_scored: Number of scored (foreground) classes per case.
+    """
+
+    full_state_update = False
+
+    def __init__(self, num_scored: int) -> None:
+        super().__init__()
+        self.num_scored = num_scored
+        for name in ("dice", "hd95", "iou"):
+            self.add_state(name, [], dist_reduce_fx="cat")
+
+    def update(self, case: dict[str, np.ndarray] | dict[str, Tensor]) -> None:
+        """Add one case's ``{"dice", "hd95", "iou"}`` arrays."""
+        for name in ("dice", "hd95", "iou"):
+            value = torch.as_tensor(np.asarray(case[name], dtype=np.float64), device=self.device)
+            getattr(self, name).append(value.reshape(1, self.num_scored))
+
+    def compute(self) -> dict[str, Tensor]:
+        """``nanmean`` over cases per class, and the number of cases under ``"cases"``."""
+        out: dict[str, Tensor] = {}
+        for name in ("dice", "hd95", "iou"):
+            values = getattr(self, name)
+            stacked = torch.cat(values) if isinstance(values, Sequence) else values
+            out[name] = torch.nanmean(stacked, dim=0)
+            out["cases"] = torch.tensor(stacked.shape[0])
+        return out

@@ -1,0 +1,403 @@
+"""LoMixSegmentationModule: a LightningModule that trains any multi-output segmentation network with LoMix."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lomix_lightning._config import instantiate_network, network_config
+from lomix_lightning.export import (
+    InferenceOutput,
+    PredictionNetwork,
+    as_output_list,
+    combine_outputs,
+    prediction_core,
+    resize_logits,
+)
+from lomix_lightning.loss import LoMixLoss, LossName, Scheme
+from lomix_lightning.metrics.per_class import EmptyRule
+from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
+from lomix_lightning.metrics.summary import print_metrics_table
+from lomix_lightning.metrics.volume import evaluate_volume
+from lomix_lightning.weighting import WeightingName
+
+Operator = Literal["add", "mul", "cat", "awf"]
+
+
+class LoMixSegmentationModule(pl.LightningModule):
+    """Train a network that returns several logit maps (coarse to fine) with LoMix supervision.
+
+    The loss is a :class:`~lomix_lightning.LoMixLoss` held as :attr:`criterion`; only the prediction (the last map,
+    or the sum of all maps) is computed by :meth:`forward`, so inference costs what the bare network costs.
+    Validation and test score the prediction only: per-class and mean Dice and IoU (pooled over the split), and
+    HD95 (mean over images, or per case for volume test sets, as in the paper's tables).
+
+    Args:
+        network: Module returning ``L`` logit maps ``(B, C, h, w)`` ordered coarse to fine (a single tensor works
+            with ``supervision="last_layer"``). Maps may be at their native resolution; they are resized
+            (bilinear) to the label size.
+        num_classes: Number of classes ``C`` (1 for binary segmentation with ``loss="structure"``).
+        supervision: ``last_layer``, ``deep_supervision``, ``mutation`` (MERIT/EMCAD) or ``lomix``.
+        operators: Override the scheme's fusion operators (e.g. ``["mul"]`` for a single-operator ablation).
+        weighting: Override the scheme's weighting: ``learned`` (softplus) or ``fixed`` (1).
+        loss: Per-map loss, ``ce_dice`` (multi-class) or ``structure`` (binary).
+        ce_weight: Cross-entropy coefficient of ``ce_dice`` (paper: 0.3).
+        dice_weight: Dice coefficient of ``ce_dice`` (paper: 0.7).
+        inference_output: ``last`` (Synapse/ACDC protocol) or ``sum`` of all maps (polyp/skin/breast protocol).
+        class_names: One name per class (index 0 = background); used in metric keys and tables.
+        ignore_index: Label value excluded from the loss and the metrics.
+        num_outputs: Number of maps the network returns; read from ``network.num_outputs`` or a dry run on the
+            first training batch when not given.
+        optimizer: Optimizer factory; ``None`` = AdamW(lr=1e-4, weight_decay=1e-4), the paper's.
+        lr_scheduler: Optional scheduler factory.
+        loss_weight_lr: Learning rate of the loss-weight parameters (``alpha``); ``None`` = the optimizer's.
+        loss_weight_decay: Weight decay of the loss-weight parameters; ``None`` = the optimizer's (the authors'
+            code decays them with the network; ``0.0`` exempts them).
+        hd95: Compute HD95 in validation and test (scipy, on the CPU).
+        hd95_empty_rule: Empty-mask rule of HD95/Dice per case: ``transunet`` (the paper's tables) or ``nan``.
+        img_size: Slice size used to predict volume test sets; ``None`` = the datamodule's ``img_size``.
+        nonfinite_loss: ``raise`` an error naming the maps with a NaN/Inf loss, or ``skip`` the batch and count it
+            (one device-to-host sync per step).
+
+    Example:
+        >>> from lomix_lightning.models import UNet
+        >>> model = LoMixSegmentationModule(UNet(in_channels=1, num_classes=3, base_channels=4, depth=3), 3)
+        >>> model(torch.zeros(2, 1, 32, 32)).shape
+        torch.Size([2, 3, 32, 32])
+        >>> model.criterion.num_maps
+        19
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        num_classes: int,
+        supervision: Scheme = "lomix",
+        operators: list[Operator] | None = None,
+        weighting: WeightingName | None = None,
+        loss: LossName = "ce_dice",
+        ce_weight: float = 0.3,
+        dice_weight: float = 0.7,
+        inference_output: InferenceOutput = "last",
+        class_names: list[str] | None = None,
+        ignore_index: int | None = None,
+        num_outputs: int | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        loss_weight_lr: float | None = None,
+        loss_weight_decay: float | None = None,
+        hd95: bool = True,
+        hd95_empty_rule: EmptyRule = "transunet",
+        img_size: int | None = None,
+        nonfinite_loss: Literal["raise", "skip"] = "raise",
+    ) -> None:
+        super().__init__()
+        # built by LightningCLI: hparams are the parsed config (plain data); built in Python: drop the objects here
+        from_config = _given_hyperparameters.get() is not None
+        self.save_hyperparameters(ignore=None if from_config else ["network", "optimizer", "lr_scheduler"])
+        if isinstance(network, Mapping):  # a plain-data config from a checkpoint
+            network = instantiate_network(network)
+        if not isinstance(network, nn.Module):
+            raise TypeError(
+                f"network must be an nn.Module returning a list of logit maps, got {type(network).__name__}"
+            )
+        self._store_plain_hparams(network, optimizer, lr_scheduler)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+        if inference_output not in ("last", "sum"):
+            raise ValueError(f"inference_output must be 'last' or 'sum', got {inference_output!r}")
+        if nonfinite_loss not in ("raise", "skip"):
+            raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
+        network_classes = getattr(network, "num_classes", None)
+        if isinstance(network_classes, int) and network_classes != num_classes:
+            raise ValueError(
+                f"num_classes={num_classes} but the network predicts {network_classes} classes; "
+                "build the network with the same num_classes (the CLI links model.num_classes to it)"
+            )
+        self.network = network
+        self.num_classes = num_classes
+        self.class_names = self._class_names(class_names)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.criterion: LoMixLoss | None = None
+        if num_outputs is None and isinstance(getattr(network, "num_outputs", None), int):
+            num_outputs = network.num_outputs
+        if num_outputs is not None:
+            self._build_criterion(num_outputs)
+        scored = max(num_classes, 2)  # binary: background + foreground
+        self.val_scores = SegmentationScores(scored, hd95=hd95, rule=hd95_empty_rule, ignore_index=ignore_index)
+        self.test_scores = SegmentationScores(scored, hd95=hd95, rule=hd95_empty_rule, ignore_index=ignore_index)
+        self.test_cases = CaseScores(scored - 1)
+        self.skipped_batches = 0
+
+    # ------------------------------------------------------------------ construction helpers
+    def _store_plain_hparams(self, network: nn.Module, optimizer: Any, lr_scheduler: Any) -> None:
+        """Keep hyper-parameters plain data (so checkpoints load with ``weights_only=True``)."""
+        given = self.hparams.get("network")
+        if not isinstance(given, Mapping):  # built in Python: record the network's own config if it has one
+            self.hparams["network"] = network_config(network)
+        for name, value in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
+            if value is None or isinstance(value, Mapping):
+                self.hparams[name] = value
+
+    def _class_names(self, class_names: Sequence[str] | None) -> list[str]:
+        expected = max(self.num_classes, 2)
+        if class_names is None:
+            return ["background", "foreground"] if self.num_classes == 1 else [f"class_{i}" for i in range(expected)]
+        names = list(class_names)
+        if self.num_classes == 1 and len(names) == 1:
+            names = ["background", names[0]]
+        if len(names) != expected:
+            raise ValueError(
+                f"class_names has {len(names)} entries but num_classes={self.num_classes} needs {expected} "
+                "(background first)"
+            )
+        return names
+
+    def _build_criterion(self, num_outputs: int) -> None:
+        hp = self.hparams
+        if num_outputs == 1 and hp.supervision != "last_layer":
+            raise ValueError(
+                f"the network returns a single map but supervision={hp.supervision!r} needs several; use "
+                "supervision='last_layer' or a multi-output network (e.g. lomix_lightning.models.MultiScaleSMP)"
+            )
+        self.criterion = LoMixLoss(
+            num_outputs,
+            self.num_classes,
+            scheme=hp.supervision,
+            operators=hp.operators,
+            weighting=hp.weighting,
+            loss=hp.loss,
+            ce_weight=hp.ce_weight,
+            dice_weight=hp.dice_weight,
+            ignore_index=hp.ignore_index,
+        )
+        self.hparams["num_outputs"] = num_outputs
+
+    @property
+    def num_outputs(self) -> int | None:
+        """Number of maps the network returns (``None`` until known)."""
+        return None if self.criterion is None else self.criterion.num_outputs
+
+    @override
+    def setup(self, stage: str) -> None:
+        if self.criterion is not None:
+            return
+        batch = self._first_batch()
+        was_training = self.network.training
+        self.network.eval()
+        with torch.no_grad():
+            outputs = as_output_list(self.network(batch["image"][:1]))
+        self.network.train(was_training)
+        self._build_criterion(len(outputs))
+        rank_zero_info(f"LoMix: the network returns {len(outputs)} maps; supervising {self.criterion.num_maps} maps")
+
+    def _first_batch(self) -> dict[str, Tensor]:
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        loader = None
+        if datamodule is not None:
+            loader = datamodule.train_dataloader()
+        elif trainer is not None and getattr(trainer.fit_loop, "_data_source", None) is not None:
+            loader = trainer.fit_loop._data_source.dataloader()
+        if loader is None:
+            raise ValueError("cannot infer the network's number of outputs: pass num_outputs=L to the module")
+        batch = next(iter(loader))
+        if "image" not in batch:
+            raise ValueError(f"batches must be dicts with 'image' and 'mask', got keys {sorted(batch)}")
+        return batch
+
+    # ------------------------------------------------------------------ inference
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        """Prediction logits ``(B, C, H, W)`` at the input resolution: the last map, or the sum of all maps."""
+        if self.hparams.inference_output == "last" and callable(getattr(self.network, "forward_final", None)):
+            return resize_logits(self.network.forward_final(x), x.shape[-2:])
+        return combine_outputs(as_output_list(self.network(x)), x.shape[-2:], self.hparams.inference_output)
+
+    def predict_labels(self, logits: Tensor) -> Tensor:
+        """Class indices ``(B, H, W)`` from prediction logits (sigmoid > 0.5 for one channel)."""
+        if logits.shape[1] == 1:
+            return (logits[:, 0] > 0).long()
+        return logits.argmax(dim=1)
+
+    def export_network(self) -> PredictionNetwork:
+        """A plain ``nn.Module`` (deep copy, eval mode) computing exactly :meth:`forward` with no LoMix parameter."""
+        mode = self.hparams.inference_output
+        exported = PredictionNetwork(copy.deepcopy(prediction_core(self.network, mode)), mode)
+        return exported.eval()
+
+    # ------------------------------------------------------------------ training
+    def _check_batch(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        if not isinstance(batch, Mapping) or "image" not in batch or "mask" not in batch:
+            got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
+            raise ValueError(f"batches must be dicts with 'image' (B, C, H, W) and 'mask' (B, H, W), got {got}")
+        image, mask = batch["image"], batch["mask"]
+        in_channels = getattr(self.network, "in_channels", None)
+        if isinstance(in_channels, int) and image.ndim == 4 and image.shape[1] != in_channels:
+            raise ValueError(
+                f"images have {image.shape[1]} channels but the network expects in_channels={in_channels} "
+                f"(image shape {tuple(image.shape)})"
+            )
+        if self.example_input_array is None:
+            self.example_input_array = image[:1].detach()
+        return image, mask
+
+    def _network_outputs(self, image: Tensor, size: Sequence[int]) -> list[Tensor]:
+        outputs = as_output_list(self.network(image))
+        if self.criterion is None:
+            self._build_criterion(len(outputs))
+        if len(outputs) != self.criterion.num_outputs:
+            raise ValueError(
+                f"the network returned {len(outputs)} maps but num_outputs={self.criterion.num_outputs} "
+                "(read once from the network); a network must return the same number of maps every step"
+            )
+        return [resize_logits(o, size) for o in outputs]
+
+    @override
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
+        image, mask = self._check_batch(batch)
+        outputs = self._network_outputs(image, mask.shape[-2:])
+        result = self.criterion(outputs, mask)
+        if not bool(torch.isfinite(result.total)):
+            bad = [n for n, v in zip(self.criterion.map_names, result.per_map.tolist()) if not math.isfinite(v)]
+            message = f"non-finite loss at step {self.global_step} (batch {batch_idx}) in maps {bad or ['<weights>']}"
+            if self.hparams.nonfinite_loss == "raise":
+                raise FloatingPointError(message + "; set nonfinite_loss='skip' to skip such batches")
+            self.skipped_batches += 1
+            warnings.warn(message + "; batch skipped", stacklevel=2)
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+            return None
+        batch_size = image.shape[0]
+        self.log("train/loss", result.total, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss_original", result.original, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log("train/loss_mutant", result.mutant, on_step=False, on_epoch=True, batch_size=batch_size)
+        return result.total
+
+    # ------------------------------------------------------------------ evaluation
+    def _score_batch(self, batch: Mapping[str, Tensor], scores: SegmentationScores) -> None:
+        image, mask = self._check_batch(batch)
+        logits = resize_logits(self(image), mask.shape[-2:])
+        scores.update(self.predict_labels(logits), mask.long())
+
+    @override
+    def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        self._score_batch(batch, self.val_scores)
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        self._log_scores("val", self.val_scores.compute())
+        self.val_scores.reset()
+
+    @override
+    def test_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
+        if self._is_volume(batch):
+            self._score_volume(batch)
+        else:
+            self._score_batch(batch, self.test_scores)
+
+    @staticmethod
+    def _is_volume(batch: Mapping[str, Any]) -> bool:
+        flag = batch.get("volume", False) if isinstance(batch, Mapping) else False
+        return bool(flag.all()) if isinstance(flag, Tensor) else bool(flag)
+
+    def _volume_img_size(self) -> int:
+        if self.hparams.img_size is not None:
+            return int(self.hparams.img_size)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        size = getattr(datamodule, "img_size", None)
+        if not isinstance(size, int):
+            raise ValueError("volume test sets need img_size: set model.img_size or use a datamodule with img_size")
+        return size
+
+    def _score_volume(self, batch: Mapping[str, Any]) -> None:
+        image, mask = batch["image"], batch["mask"]
+        if image.ndim == 4:  # (1, D, H, W) from a batch-size-1 loader
+            image, mask = image[0], mask[0]
+        spacing = batch.get("spacing")
+        if isinstance(spacing, Tensor):
+            spacing = spacing.reshape(-1).tolist()
+        case = evaluate_volume(
+            self,
+            image,
+            mask,
+            num_classes=max(self.num_classes, 2),
+            img_size=self._volume_img_size(),
+            spacing=spacing,
+            rule=self.hparams.hd95_empty_rule,
+        )
+        self.test_cases.update(case)
+
+    @override
+    def on_test_epoch_end(self) -> None:
+        if self.test_cases.update_count > 0 or self._trainer is not None and self._any_case():
+            summary = self.test_cases.compute()
+            self.log("test/cases", summary.pop("cases").float(), sync_dist=False)
+        else:
+            summary = self.test_scores.compute()
+        self._log_scores("test", summary)
+        if self.trainer.is_global_zero:
+            numpy_summary = {k: v.detach().cpu().double().numpy() for k, v in summary.items()}
+            print_metrics_table(numpy_summary, self.class_names[1:], title="LoMix test results (Dice %, HD95, IoU %)")
+        self.test_scores.reset()
+        self.test_cases.reset()
+
+    def _any_case(self) -> bool:
+        return bool(self.test_cases.dice)
+
+    def _log_scores(self, stage: str, scores: Mapping[str, Tensor]) -> None:
+        names = self.class_names[1:]
+        metrics: dict[str, Tensor] = {}
+        for key in ("dice", "iou", "hd95"):
+            values = scores[key].float().reshape(-1)  # torchmetrics squeezes one-class results
+            metrics[f"{stage}/{key}"] = torch.nanmean(values) if not torch.isnan(values).all() else values.new_zeros(())
+            if key != "iou" or stage == "test":
+                for name, value in zip(names, values):
+                    metrics[f"{stage}/{key}/{name}"] = value
+        if stage == "test":
+            metrics["test/miou"] = metrics["test/iou"]
+        headline = metrics.pop(f"{stage}/dice")
+        self.log(f"{stage}/dice", headline, prog_bar=True)
+        self.log_dict(metrics, prog_bar=False)
+
+    @override
+    def predict_step(self, batch: Mapping[str, Tensor] | Tensor, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        image = batch["image"] if isinstance(batch, Mapping) else batch
+        return self.predict_labels(self(image))
+
+    # ------------------------------------------------------------------ optimisation
+    def loss_weight_parameters(self) -> list[nn.Parameter]:
+        """The learned loss-weight parameters (``alpha``), empty for fixed-weight schemes."""
+        return [] if self.criterion is None else list(self.criterion.weighting.parameters())
+
+    @override
+    def configure_optimizers(self) -> Any:
+        weight_ids = {id(p) for p in self.loss_weight_parameters()}
+        others = [p for p in self.parameters() if id(p) not in weight_ids and p.requires_grad]
+        groups: list[dict[str, Any]] = [{"params": others, "name": "network"}]
+        if weight_ids:
+            group: dict[str, Any] = {"params": self.loss_weight_parameters(), "name": "loss_weights"}
+            if self.hparams.loss_weight_lr is not None:
+                group["lr"] = self.hparams.loss_weight_lr
+            if self.hparams.loss_weight_decay is not None:
+                group["weight_decay"] = self.hparams.loss_weight_decay
+            groups.append(group)
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.AdamW(groups, lr=1e-4, weight_decay=1e-4)
+        else:
+            optimizer = self.optimizer_factory(groups)
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/dice"}}
