@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -147,6 +148,14 @@ class LoMixSegmentationModule(pl.LightningModule):
         given = self.hparams.get("network")
         if not isinstance(given, Mapping):  # built in Python: record the network's own config if it has one
             self.hparams["network"] = network_config(network)
+        else:  # built from a config: values the CLI linked into the network are not in it; add them back
+            init_args = dict(given.get("init_args") or {})
+            accepted = inspect.signature(type(network).__init__).parameters
+            for name in ("num_classes", "in_channels"):
+                value = getattr(network, name, None)
+                if name in accepted and name not in init_args and isinstance(value, int):
+                    init_args[name] = value
+            self.hparams["network"] = {**given, "init_args": init_args}
         for name, value in (("optimizer", optimizer), ("lr_scheduler", lr_scheduler)):
             if value is None or isinstance(value, Mapping):
                 self.hparams[name] = value

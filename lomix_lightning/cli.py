@@ -1,0 +1,138 @@
+"""The ``lomix`` command: LightningCLI (fit, validate, test, predict) plus export, prepare-synapse and compare."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+DEMO_MODEL: dict[str, Any] = {
+    "class_path": "lomix_lightning.LoMixSegmentationModule",
+    "init_args": {
+        "num_classes": 4,
+        "network": {
+            "class_path": "lomix_lightning.models.UNet",
+            "init_args": {"base_channels": 16, "depth": 4},
+        },
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 0.002, "weight_decay": 0.0001}},
+    },
+}
+DEMO_DATA: dict[str, Any] = {"class_path": "lomix_lightning.data.SyntheticShapesDataModule"}
+DEFAULT_CALLBACKS: list[dict[str, Any]] = [
+    {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
+    {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"monitor": "val/dice", "mode": "max", "filename": "best-{epoch:03d}"},
+    },
+    # Lightning 2.6 writes save_last only when a top-k checkpoint is written; this one rewrites last.ckpt every epoch
+    {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"filename": "last", "enable_version_counter": False},
+    },
+    {"class_path": "lomix_lightning.callbacks.WeightTrajectoryLogger"},
+    {"class_path": "lomix_lightning.callbacks.BestEpochWeightBarChart", "init_args": {"monitor": "val/dice"}},
+]
+DEFAULT_LOGGER: dict[str, Any] = {
+    "class_path": "lightning.pytorch.loggers.CSVLogger",
+    "init_args": {"save_dir": "lomix_runs", "name": "demo"},
+}
+
+
+class LoMixCLI(LightningCLI):
+    """LightningCLI for LoMix: the demo by default, class counts linked from ``--model.num_classes``.
+
+    ``--model.num_classes`` also sets the network's and the datamodule's ``num_classes``; the network's
+    ``in_channels`` and the module's ``class_names`` follow the datamodule. Subclasses of the module and any
+    LightningDataModule can be passed by ``class_path``.
+    """
+
+    def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("seed_everything_default", 0)
+        kwargs.setdefault("parser_kwargs", {"prog": "lomix"})
+        # the optimizer is the module's own argument (--model.init_args.optimizer): a top-level --optimizer would
+        # replace configure_optimizers and silently drop the loss-weight parameter group
+        kwargs.setdefault("auto_configure_optimizers", False)
+        super().__init__(
+            pl.LightningModule,
+            pl.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Link class counts and channels, and set the demo defaults."""
+        parser.link_arguments("model.init_args.num_classes", "model.init_args.network.init_args.num_classes")
+        parser.link_arguments("model.init_args.num_classes", "data.init_args.num_classes")
+        parser.link_arguments(
+            "data.in_channels", "model.init_args.network.init_args.in_channels", apply_on="instantiate"
+        )
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+        parser.set_defaults(
+            {
+                "model": DEMO_MODEL,
+                "data": DEMO_DATA,
+                "trainer.max_epochs": 12,
+                "trainer.default_root_dir": "lomix_runs",
+                "trainer.callbacks": DEFAULT_CALLBACKS,
+                "trainer.logger": DEFAULT_LOGGER,
+                "trainer.log_every_n_steps": 5,
+            }
+        )
+
+    def after_fit(self) -> None:
+        """Tell the user where the checkpoints, logs and plots went."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        lines = []
+        for checkpoint in trainer.checkpoint_callbacks:
+            kind = f"best ({checkpoint.monitor})" if checkpoint.monitor else "latest"
+            if checkpoint.best_model_path:
+                lines.append(f"{kind} checkpoint: {checkpoint.best_model_path}")
+        lines.append(f"logs: {trainer.log_dir or trainer.default_root_dir}")
+        plots = {str(c.output_dir) for c in trainer.callbacks if getattr(c, "output_dir", None)}
+        lines.extend(f"LoMix weight plots and CSV: {path}" for path in sorted(plots))
+        print("\n".join(["", "lomix fit finished.", *lines]))
+
+
+def _error(message: str, code: int = 2) -> int:
+    print(f"lomix: error: {message}", file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lomix`` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args else None
+    try:
+        if command == "export":
+            from lomix_lightning.cli_export import export_main
+
+            return export_main(args[1:])
+        if command == "prepare-synapse":
+            from lomix_lightning.cli_prepare import prepare_synapse_main
+
+            return prepare_synapse_main(args[1:])
+        if command == "compare":
+            from lomix_lightning.compare import compare_main
+
+            return compare_main(args[1:])
+        if not args or args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
+            args = ["fit", *args]  # `lomix` alone trains the demo
+        LoMixCLI(args=args)
+    except KeyboardInterrupt:
+        return _error("interrupted; the last checkpoint (if any) is in the run directory", 130)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as error:
+        return _error(f"{type(error).__name__}: {error}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
