@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -27,7 +28,7 @@ from lomix_lightning.export import (
     resize_logits,
 )
 from lomix_lightning.loss import LoMixLoss, LossName, Scheme
-from lomix_lightning.metrics.per_class import EmptyRule
+from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
 from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
 from lomix_lightning.metrics.summary import print_metrics_table
 from lomix_lightning.metrics.volume import evaluate_volume
@@ -138,8 +139,8 @@ class LoMixSegmentationModule(pl.LightningModule):
             self._build_criterion(num_outputs)
         scored = max(num_classes, 2)  # binary: background + foreground
         self.val_scores = SegmentationScores(scored, hd95=hd95, rule=hd95_empty_rule, ignore_index=ignore_index)
-        self.test_scores = SegmentationScores(scored, hd95=hd95, rule=hd95_empty_rule, ignore_index=ignore_index)
         self.test_cases = CaseScores(scored - 1)
+        self.test_case_results: dict[str, np.ndarray] = {}
         self.skipped_batches = 0
 
     # ------------------------------------------------------------------ construction helpers
@@ -314,7 +315,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         if self._is_volume(batch):
             self._score_volume(batch)
         else:
-            self._score_batch(batch, self.test_scores)
+            self._score_images(batch)
 
     @staticmethod
     def _is_volume(batch: Mapping[str, Any]) -> bool:
@@ -348,22 +349,27 @@ class LoMixSegmentationModule(pl.LightningModule):
         )
         self.test_cases.update(case)
 
+    def _score_images(self, batch: Mapping[str, Tensor]) -> None:
+        """Each test image is a case: per-class Dice, HD95 and IoU, averaged over images at the end."""
+        image, mask = self._check_batch(batch)
+        pred = self.predict_labels(resize_logits(self(image), mask.shape[-2:]))
+        mask = mask.long()
+        if self.hparams.ignore_index is not None:
+            keep = mask != self.hparams.ignore_index
+            pred, mask = torch.where(keep, pred, 0), torch.where(keep, mask, 0)
+        for p, t in zip(pred.cpu().numpy(), mask.cpu().numpy()):
+            self.test_cases.update(per_class_metrics(p, t, max(self.num_classes, 2), rule=self.hparams.hd95_empty_rule))
+
     @override
     def on_test_epoch_end(self) -> None:
-        if self.test_cases.update_count > 0 or self._trainer is not None and self._any_case():
-            summary = self.test_cases.compute()
-            self.log("test/cases", summary.pop("cases").float(), sync_dist=False)
-        else:
-            summary = self.test_scores.compute()
+        summary = self.test_cases.compute()
+        self.test_case_results = {k[4:]: summary.pop(k).cpu().numpy() for k in list(summary) if k.startswith("all_")}
+        self.log("test/cases", summary.pop("cases").float())
         self._log_scores("test", summary)
         if self.trainer.is_global_zero:
             numpy_summary = {k: v.detach().cpu().double().numpy() for k, v in summary.items()}
             print_metrics_table(numpy_summary, self.class_names[1:], title="LoMix test results (Dice %, HD95, IoU %)")
-        self.test_scores.reset()
         self.test_cases.reset()
-
-    def _any_case(self) -> bool:
-        return bool(self.test_cases.dice)
 
     def _log_scores(self, stage: str, scores: Mapping[str, Tensor]) -> None:
         names = self.class_names[1:]

@@ -107,11 +107,19 @@ class CaseScores(Metric):
             getattr(self, name).append(value.reshape(1, self.num_scored))
 
     def compute(self) -> dict[str, Tensor]:
-        """``nanmean`` over cases per class, and the number of cases under ``"cases"``."""
+        """Mean over cases per class, the per-case arrays and the number of cases.
+
+        Returns:
+            ``"dice"``, ``"hd95"``, ``"iou"``: ``nanmean`` over cases per class; ``"all_dice"``, ``"all_hd95"``,
+            ``"all_iou"``: the ``(cases, classes)`` arrays; ``"cases"``: their number.
+        """
         out: dict[str, Tensor] = {}
         for name in ("dice", "hd95", "iou"):
             values = getattr(self, name)
-            stacked = torch.cat(values) if isinstance(values, Sequence) else values
+            if isinstance(values, Sequence):
+                values = torch.cat(values) if values else torch.empty(0, self.num_scored, dtype=torch.float64)
+            stacked = values.reshape(-1, self.num_scored)
             out[name] = torch.nanmean(stacked, dim=0)
+            out[f"all_{name}"] = stacked
             out["cases"] = torch.tensor(stacked.shape[0])
         return out
