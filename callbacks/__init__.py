@@ -1,3 +1,6 @@
 """Lightning callbacks for LoMix, installed as ``lomix_lightning.callbacks``."""
 
-__all__: list[str] = []
+from lomix_lightning.callbacks.best_epoch import BestEpochWeightBarChart
+from lomix_lightning.callbacks.trajectory import WeightTrajectoryLogger
+
+__all__ = ["BestEpochWeightBarChart", "WeightTrajectoryLogger"]

@@ -97,7 +97,11 @@ class LoMixCLI(LightningCLI):
             if checkpoint.best_model_path:
                 lines.append(f"{kind} checkpoint: {checkpoint.best_model_path}")
         lines.append(f"logs: {trainer.log_dir or trainer.default_root_dir}")
-        plots = {str(c.output_dir) for c in trainer.callbacks if getattr(c, "output_dir", None)}
+        from lomix_lightning.callbacks import BestEpochWeightBarChart, WeightTrajectoryLogger
+        from lomix_lightning.callbacks._weights import output_dir
+
+        weight_callbacks = (WeightTrajectoryLogger, BestEpochWeightBarChart)
+        plots = {str(output_dir(trainer, c.dirpath)) for c in trainer.callbacks if isinstance(c, weight_callbacks)}
         lines.extend(f"LoMix weight plots and CSV: {path}" for path in sorted(plots))
         print("\n".join(["", "lomix fit finished.", *lines]))
 
