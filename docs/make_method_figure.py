@@ -25,7 +25,9 @@ def main(path: Path) -> None:
     ax.set_xlim(0, 14.1)
     ax.set_ylim(0, 6.2)
     ax.axis("off")
-    ax.set_title("LoMix: supervise every fused subset of the decoder's logit maps, with learned loss weights", fontsize=13)
+    ax.set_title(
+        "LoMix: supervise every fused subset of the decoder's logit maps, with learned loss weights", fontsize=13
+    )
     box(ax, 0.2, 2.3, 1.6, 1.6, "image\nX", "#f5f5f5", 11)
     box(ax, 2.2, 1.2, 2.0, 3.8, "U-shaped\nnetwork\n(encoder +\ndecoder)", "#dde7f3", 11, "bold")
     arrow(ax, 1.8, 3.1, 2.2, 3.1)
@@ -50,8 +52,26 @@ def main(path: Path) -> None:
         arrow(ax, 6.0, 4.97 - i * 1.1, 6.5, 3.2)
     box(ax, 10.3, 3.3, 1.7, 1.6, "4 + 4×11 = 48\nsupervised maps", "#f5f5f5", 10)
     arrow(ax, 10.0, 3.2, 10.3, 4.0)
-    box(ax, 10.3, 1.1, 1.8, 1.7, "$w_u = \\mathrm{softplus}(\\alpha_u)$\n$\\alpha_u \\leftarrow 0$, learned\nwith the network", "#fff3c4", 9)
-    box(ax, 12.35, 2.2, 1.6, 1.8, "$\\mathcal{L} = \\sum_u w_u\\,\\mathcal{L}_u$\n\n$\\mathcal{L}_u$ = 0.3 CE\n+ 0.7 Dice", "#e6f4e6", 10)
+    box(
+        ax,
+        10.3,
+        1.1,
+        1.8,
+        1.7,
+        "$w_u = \\mathrm{softplus}(\\alpha_u)$\n$\\alpha_u \\leftarrow 0$, learned\nwith the network",
+        "#fff3c4",
+        9,
+    )
+    box(
+        ax,
+        12.35,
+        2.2,
+        1.6,
+        1.8,
+        "$\\mathcal{L} = \\sum_u w_u\\,\\mathcal{L}_u$\n\n$\\mathcal{L}_u$ = 0.3 CE\n+ 0.7 Dice",
+        "#e6f4e6",
+        10,
+    )
     arrow(ax, 12.0, 4.1, 12.35, 3.4)
     arrow(ax, 12.1, 1.95, 12.35, 2.6)
     ax.text(7.0, 0.2, "Training only: inference runs the bare network and predicts with P_L (or Σ P_i), at zero extra cost.",
