@@ -122,3 +122,12 @@ def test_bad_value_names_it(tmp_path, monkeypatch, capsys):
     assert "lomx" in err and "deep_supervision" in err
     assert main(["export", "--ckpt_path", str(tmp_path / "missing.ckpt"), "--output", "x.pt2"]) == 2
     assert "missing.ckpt" in capsys.readouterr().err
+
+
+def test_prepare_synapse_subcommand(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["prepare-synapse", "--help"])
+    assert exit_info.value.code == 0 and "RAW_DIR" in capsys.readouterr().out.upper()
+    assert main(["prepare-synapse", str(tmp_path / "nowhere"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lomix: error:") and "nowhere" in err[0]
