@@ -107,3 +107,39 @@ class FinalMapNetwork(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Return the final logit map ``(B, C, h, w)``."""
         return self.head(self.decoder(self.encoder(x))[-1])
+
+
+class DecoderHeadsNetwork(MultiOutputNetwork):
+    """A network ``encoder -> decoder -> one 1x1 head per decoder stage``, the last head giving the prediction.
+
+    Subclasses build ``encoder`` (image -> features), ``decoder`` (features -> decoder features, coarse to fine) and
+    ``heads`` (one per output, for the last ``len(heads)`` decoder features) in ``__init__``; input checks go in
+    :meth:`check_input`.
+    """
+
+    encoder: nn.Module
+    decoder: nn.Module
+    heads: nn.ModuleList
+
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` on an input the network cannot take (default: wrong rank or channel count)."""
+        check_image_batch(x, self.in_channels)
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        """Return ``num_outputs`` logit maps, coarse to fine."""
+        self.check_input(x)
+        decoded = self.decoder(self.encoder(x))[-len(self.heads) :]
+        return [head(feature) for head, feature in zip(self.heads, decoded)]
+
+    def forward_final(self, x: Tensor) -> Tensor:
+        """Return the finest logit map only."""
+        self.check_input(x)
+        return self.heads[-1](self.decoder(self.encoder(x))[-1])
+
+    def auxiliary_heads(self) -> nn.ModuleList:
+        """Return the ``num_outputs - 1`` heads of the coarser stages."""
+        return nn.ModuleList(self.heads[:-1])
+
+    def prediction_network(self) -> FinalMapNetwork:
+        """Return encoder + decoder + final head (shared, not copied)."""
+        return FinalMapNetwork(self.encoder, self.decoder, self.heads[-1])

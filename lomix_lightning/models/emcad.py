@@ -10,7 +10,7 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
-from lomix_lightning.models._base import FinalMapNetwork, MultiOutputNetwork, check_image_batch, check_positive_int
+from lomix_lightning.models._base import DecoderHeadsNetwork, check_image_batch, check_positive_int
 from lomix_lightning.models.emcad_blocks import ACTIVATIONS, CAB, EUCB, LGAG, MSCB, SAB, Activation
 
 __all__ = ["EMCADDecoder", "EMCADNet", "GreyStemEncoder"]
@@ -106,7 +106,7 @@ class GreyStemEncoder(nn.Module):
         return self.backbone(self.stem(x))[-self.num_levels :][::-1]
 
 
-class EMCADNet(MultiOutputNetwork):
+class EMCADNet(DecoderHeadsNetwork):
     """PVT-EMCAD: a timm encoder, the EMCAD decoder and one 1x1 head per stage (``[p4, p3, p2, p1]``).
 
     With ``in_channels == 1`` the image goes through the reference's ``Conv1x1(1->3) -> BN -> ReLU`` stem before an
@@ -224,27 +224,9 @@ class EMCADNet(MultiOutputNetwork):
         )
         self.heads = nn.ModuleList(nn.Conv2d(c, num_classes, kernel_size=1) for c in channels)
 
-    def _check_input(self, x: Tensor) -> None:
+    def check_input(self, x: Tensor) -> None:
+        """Raise ``ValueError`` unless ``x`` is ``(B, in_channels, H, W)`` with ``H, W`` divisible by the stride."""
         check_image_batch(x, self.in_channels)
         stride = self.reductions[0]
         if x.shape[-2] % stride or x.shape[-1] % stride:
             raise ValueError(f"EMCADNet needs H and W divisible by {stride}, got {tuple(x.shape[-2:])}.")
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Return ``[p4, p3, p2, p1]``: one logit map per stage, coarse to fine."""
-        self._check_input(x)
-        decoded = self.decoder(self.encoder(x))
-        return [head(feature) for head, feature in zip(self.heads, decoded)]
-
-    def forward_final(self, x: Tensor) -> Tensor:
-        """Return ``p1``, the finest logit map, only."""
-        self._check_input(x)
-        return self.heads[-1](self.decoder(self.encoder(x))[-1])
-
-    def auxiliary_heads(self) -> nn.ModuleList:
-        """Return the heads of ``p4, p3, p2``."""
-        return nn.ModuleList(self.heads[:-1])
-
-    def prediction_network(self) -> FinalMapNetwork:
-        """Return stem + encoder + decoder + the ``p1`` head (shared, not copied)."""
-        return FinalMapNetwork(self.encoder, self.decoder, self.heads[-1])

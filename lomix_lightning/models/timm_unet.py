@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lomix_lightning.models._base import FinalMapNetwork, MultiOutputNetwork, check_image_batch, check_positive_int
+from lomix_lightning.models._base import DecoderHeadsNetwork, check_positive_int
 from lomix_lightning.models.unet import DoubleConv
 
 __all__ = ["SkipDecoder", "TimmUNet"]
@@ -52,7 +52,7 @@ class SkipDecoder(nn.Module):
         return outputs
 
 
-class TimmUNet(MultiOutputNetwork):
+class TimmUNet(DecoderHeadsNetwork):
     """A timm ``features_only`` encoder with a U-Net decoder and one logit head per decoder stage.
 
     Channels and strides are read from the encoder's ``feature_info``. An encoder with ``F`` feature levels
@@ -137,22 +137,3 @@ class TimmUNet(MultiOutputNetwork):
         self.reductions = reductions[num_outputs - 1 :: -1]  # coarse to fine, one per output
         self.decoder = SkipDecoder(channels, decoder_channels)
         self.heads = nn.ModuleList(nn.Conv2d(c, num_classes, kernel_size=1) for c in decoder_channels[-num_outputs:])
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Return ``num_outputs`` logit maps, coarse to fine."""
-        check_image_batch(x, self.in_channels)
-        decoded = self.decoder(self.encoder(x))[-self.num_outputs :]
-        return [head(feature) for head, feature in zip(self.heads, decoded)]
-
-    def forward_final(self, x: Tensor) -> Tensor:
-        """Return the finest logit map only."""
-        check_image_batch(x, self.in_channels)
-        return self.heads[-1](self.decoder(self.encoder(x))[-1])
-
-    def auxiliary_heads(self) -> nn.ModuleList:
-        """Return the ``num_outputs - 1`` heads of the coarser stages."""
-        return nn.ModuleList(self.heads[:-1])
-
-    def prediction_network(self) -> FinalMapNetwork:
-        """Return encoder + decoder + final head (shared, not copied)."""
-        return FinalMapNetwork(self.encoder, self.decoder, self.heads[-1])

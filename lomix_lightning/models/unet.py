@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lomix_lightning.models._base import FinalMapNetwork, MultiOutputNetwork, check_image_batch, check_positive_int
+from lomix_lightning.models._base import DecoderHeadsNetwork, check_positive_int
 
 __all__ = ["DoubleConv", "UNet", "UNetDecoder", "UNetEncoder"]
 
@@ -101,7 +101,7 @@ class UNetDecoder(nn.Module):
         return outputs
 
 
-class UNet(MultiOutputNetwork):
+class UNet(DecoderHeadsNetwork):
     """A classic U-Net that returns one logit map per decoder stage, coarse to fine.
 
     ``depth`` poolings give ``depth`` decoder stages and ``num_outputs = depth`` maps at resolutions
@@ -154,22 +154,3 @@ class UNet(MultiOutputNetwork):
         self.encoder = UNetEncoder(in_channels, channels)
         self.decoder = UNetDecoder(channels, up_mode=up_mode)
         self.heads = nn.ModuleList(nn.Conv2d(c, num_classes, kernel_size=1) for c in channels[-2::-1])
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        """Return ``depth`` logit maps, coarse to fine."""
-        check_image_batch(x, self.in_channels)
-        decoded = self.decoder(self.encoder(x))
-        return [head(feature) for head, feature in zip(self.heads, decoded)]
-
-    def forward_final(self, x: Tensor) -> Tensor:
-        """Return the full-resolution logit map only."""
-        check_image_batch(x, self.in_channels)
-        return self.heads[-1](self.decoder(self.encoder(x))[-1])
-
-    def auxiliary_heads(self) -> nn.ModuleList:
-        """Return the ``depth - 1`` heads of the coarser stages."""
-        return nn.ModuleList(self.heads[:-1])
-
-    def prediction_network(self) -> FinalMapNetwork:
-        """Return encoder + decoder + final head (shared, not copied)."""
-        return FinalMapNetwork(self.encoder, self.decoder, self.heads[-1])
