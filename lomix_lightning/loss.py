@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable, Sequence
-from functools import partial
+from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import checkpoint
 
-from lomix_lightning.losses.ce_dice import ce_dice_loss
+from lomix_lightning.losses.ce_dice import (
+    CEDiceTarget,
+    ce_dice_backward,
+    ce_dice_forward,
+    ce_dice_from_stats,
+    ce_dice_target,
+    softmax,
+)
 from lomix_lightning.losses.structure import structure_loss
-from lomix_lightning.mutation import CombinatorialMutation, full_precision, fusion_dtype, upsample_to
+from lomix_lightning.mutation import (
+    CombinatorialMutation,
+    SubsetPlan,
+    full_precision,
+    fuse_backward,
+    fuse_forward,
+    fusion_dtype,
+    upsample_to,
+)
 from lomix_lightning.ops.subsets import OPERATORS, map_family
 from lomix_lightning.weighting import LossWeighting, WeightingName, build_weighting
 
@@ -64,8 +83,10 @@ class LoMixLoss(nn.Module):
     ``lomix``            ``P1..PL`` + add, mul, cat, awf     learned
     ===================  ==================================  ==========
 
-    All per-map losses are computed batched (one log-softmax over all maps of an operator, no host synchronisation),
-    in at least float32 even under autocast.
+    With ``ce_dice`` one fused engine computes every map: each operator writes all its mutants into one tensor, one
+    softmax serves CE and Dice, and the backward is written by hand (keeping at most the softmax, see
+    ``memory_efficient``). No host synchronisation; at least float32 even under autocast. On the CPU the batch is
+    processed a few images at a time through scratch buffers that each thread keeps and reuses across calls.
 
     Args:
         num_outputs: Number ``L`` of maps the network returns (coarse to fine; the last is the prediction).
@@ -81,6 +102,11 @@ class LoMixLoss(nn.Module):
         ignore_index: A label value to ignore in ``ce_dice``.
         check_target: Check that labels lie in ``[0, C)`` (one device-to-host sync per call; switch off for speed
             once the data is trusted).
+        memory_efficient: Keep nothing but the stacked maps for backward and recompute every operator's mutants and
+            softmax there, one image at a time (for a loss other than ``ce_dice``: ``torch.utils.checkpoint`` per
+            operator). Same values and gradients, for a second fusion and softmax in backward. By default the
+            softmax of the original and ``cat`` maps is kept and the ``add``/``mul``/``awf`` mutants are recomputed,
+            which bounds the loss's extra memory to about ``L + K`` softmax maps.
 
     Raises:
         ValueError: On an unknown scheme, operator, weighting or loss, ``num_outputs < 1``, operators given with
@@ -109,6 +135,7 @@ class LoMixLoss(nn.Module):
         dice_weight: float = 0.7,
         ignore_index: int | None = None,
         check_target: bool = True,
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         if scheme not in SCHEMES:
@@ -132,13 +159,17 @@ class LoMixLoss(nn.Module):
         self.weighting = build_weighting(default_weighting if weighting is None else weighting, len(self.map_names))
         self.ignore_index = ignore_index
         self.check_target = check_target
-        self.loss_name, self._batched, self._per_map_loss = self._build_loss(loss, ce_weight, dice_weight, ignore_index)
+        if not isinstance(memory_efficient, bool):
+            raise TypeError(f"memory_efficient must be True or False, got {memory_efficient!r}")
+        self.memory_efficient = memory_efficient
+        self.ce_weight, self.dice_weight = float(ce_weight), float(dice_weight)
+        self.loss_name, self._per_map_loss = self._build_loss(loss, ce_weight, dice_weight, ignore_index)
 
     def _build_loss(
         self, loss: LossName | PerMapLoss, ce_weight: float, dice_weight: float, ignore_index: int | None
-    ) -> tuple[str, bool, PerMapLoss]:
+    ) -> tuple[str, PerMapLoss | None]:
         if callable(loss):
-            return getattr(loss, "__name__", type(loss).__name__), False, loss
+            return getattr(loss, "__name__", type(loss).__name__), loss
         if loss == "ce_dice":
             if self.num_classes < 2:
                 raise ValueError(
@@ -147,11 +178,7 @@ class LoMixLoss(nn.Module):
                 )
             if ce_weight < 0 or dice_weight < 0:
                 raise ValueError(f"ce_weight and dice_weight must be >= 0, got {ce_weight} and {dice_weight}")
-            return (
-                loss,
-                True,
-                partial(ce_dice_loss, ce_weight=ce_weight, dice_weight=dice_weight, ignore_index=ignore_index),
-            )
+            return loss, None  # the fused engine (_LoMixStats)
         if loss == "structure":
             if self.num_classes != 1:
                 raise ValueError(
@@ -159,7 +186,7 @@ class LoMixLoss(nn.Module):
                 )
             if ignore_index is not None:
                 raise ValueError(f"loss='structure' does not support ignore_index (got {ignore_index})")
-            return loss, True, structure_loss
+            return loss, structure_loss
         raise ValueError(
             f"unknown loss {loss!r}; allowed are 'ce_dice', 'structure' or a callable (logits, target) -> scalar"
         )
@@ -209,12 +236,6 @@ class LoMixLoss(nn.Module):
                 raise ValueError(f"target holds labels {values} outside {allowed}{ignore}")
         return target
 
-    def _group_loss(self, maps: list[Tensor], target: Tensor) -> Tensor:
-        """``(M_g,)`` losses of a group of maps ``(B, C, H, W)``."""
-        if self._batched:
-            return self._per_map_loss(maps, target)
-        return torch.stack([self._per_map_loss(m, target).reshape(()) for m in maps])
-
     def forward(self, outputs: Sequence[Tensor], target: Tensor) -> LoMixLossOutput:
         """Compute the weighted total over all supervised maps.
 
@@ -229,29 +250,50 @@ class LoMixLoss(nn.Module):
         device = outputs[0].device if isinstance(outputs, Sequence) and len(outputs) else torch.device("cpu")
         with full_precision(device):
             if self.scheme == "last_layer":
-                per_map, unused = self._last_layer_loss(outputs, target), outputs[:-1]
+                self.mutation.validate(outputs)
+                size = self.mutation.output_size(outputs)
+                stacked = upsample_to([outputs[-1]], size, fusion_dtype(outputs[-1].dtype))[0].unsqueeze(1)
+                operators, unused = (), outputs[:-1]
             else:
-                maps, stacked = self.mutation.prepare(outputs)
-                target = self._target(target, tuple(maps[0].shape[-2:]), maps[0].shape[0])
-                groups = [self._group_loss(maps, target)]
-                for op in self.operators:
-                    groups.append(self._group_loss(self.mutation.fuse(op, maps, stacked), target))
-                per_map, unused = torch.cat(groups), ()
+                operators = self.operators if self.mutation.subsets else ()  # one map: no subset to fuse
+                stacked, unused = self.mutation.prepare(outputs), ()
+            target = self._target(target, tuple(stacked.shape[-2:]), stacked.shape[0])
+            if self._per_map_loss is None:
+                per_map = self._ce_dice_maps(stacked, operators, target)
+            else:
+                per_map = torch.cat([self._group_loss(op, stacked, target) for op in ("original", *operators)])
             weights = self.weights().to(per_map.dtype)
             weighted = weights * per_map
-            num_original = 1 if self.scheme == "last_layer" else self.num_outputs
+            num_original = stacked.shape[1]
             original = weighted[:num_original].sum()
             for out in unused:  # a zero-weighted term keeps maps this scheme ignores in the graph (DDP needs that)
                 original = original + 0.0 * out.sum()
             mutant = weighted[num_original:].sum()
             return LoMixLossOutput(original + mutant, per_map, weights, original, mutant)
 
-    def _last_layer_loss(self, outputs: Sequence[Tensor], target: Tensor) -> Tensor:
-        self.mutation.validate(outputs)
-        size = self.mutation.output_size(outputs)
-        final = upsample_to([outputs[-1]], size, fusion_dtype(outputs[-1].dtype))[0]
-        target = self._target(target, size, final.shape[0])
-        return self._group_loss([final], target)
+    def _ce_dice_maps(self, stacked: Tensor, operators: Sequence[str], target: Tensor) -> Tensor:
+        """``(M,)`` CE + Dice of every map through the fused engine."""
+        prepared = ce_dice_target(target, self.num_classes, stacked.dtype, self.ignore_index)
+        params = [p for op in operators for p in self.mutation.dense_parameters(op, stacked.dtype)]
+        groups = ("original", *operators)
+        keep = tuple(not self.memory_efficient and op in _KEPT for op in groups)
+        chunk = _chunk_size(stacked, len(self.mutation.subsets), self.memory_efficient)
+        plan = _EnginePlan(groups, self.mutation.plan, prepared, chunk, keep)
+        stats = _LoMixStats.apply(plan, stacked.contiguous(), *params)
+        return ce_dice_from_stats(stats, prepared, self.ce_weight, self.dice_weight)
+
+    def _group_loss(self, op: str, stacked: Tensor, target: Tensor) -> Tensor:
+        """``(K,)`` losses of one operator's maps with a per-map loss other than ``ce_dice``."""
+
+        def losses(stacked: Tensor) -> Tensor:
+            maps = stacked if op == "original" else self.mutation.fuse(op, stacked)  # (B, K, C, H, W)
+            if self.loss_name == "structure":
+                return self._per_map_loss(maps, target)
+            return torch.stack([self._per_map_loss(maps[:, k], target).reshape(()) for k in range(maps.shape[1])])
+
+        if self.memory_efficient and torch.is_grad_enabled():
+            return checkpoint(losses, stacked, use_reentrant=False)
+        return losses(stacked)
 
     def extra_repr(self) -> str:
         """Summary shown in ``print(module)``."""
@@ -259,3 +301,148 @@ class LoMixLoss(nn.Module):
             f"scheme={self.scheme!r}, num_outputs={self.num_outputs}, num_classes={self.num_classes}, "
             f"operators={list(self.operators)}, maps={self.num_maps}, loss={self.loss_name!r}"
         )
+
+
+_CPU_CHUNK_BYTES = 48 * 2**20
+"""Size of one operator's mutants for a chunk of images on the CPU (the reused buffers are about three of these)."""
+
+_KEPT = ("original", "cat")
+"""Groups whose softmax the default engine keeps for backward (the others are recomputed, to bound memory)."""
+
+
+@dataclass(frozen=True)
+class _EnginePlan:
+    """What :class:`_LoMixStats` computes: operator groups (``"original"`` first), target, chunking, kept groups."""
+
+    groups: tuple[str, ...]
+    subsets: SubsetPlan
+    prepared: CEDiceTarget
+    chunk: int
+    keep: tuple[bool, ...]
+
+
+class _LoMixStats(torch.autograd.Function):
+    """CE + Dice statistics ``(M, 1 + 2C)`` of the original maps and all mutants, fusion and loss fused.
+
+    The batch is processed ``plan.chunk`` images at a time, each operator's mutants written into one reused
+    buffer. For the groups in ``plan.keep`` the softmax (and the ``mul`` products, the ``awf`` attention) is kept
+    for backward; the other groups' mutants and softmax are recomputed there, chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, stacked, *params):  # noqa: D102
+        batch, _, c, h, w = stacked.shape
+        num_subsets = len(plan.subsets.subsets)
+        softmaxes = [
+            stacked.new_empty(batch, stacked.shape[1] if op == "original" else num_subsets, c, h, w) if keep else None
+            for op, keep in zip(plan.groups, plan.keep)
+        ]
+        kept_mul = any(keep and op == "mul" for op, keep in zip(plan.groups, plan.keep))
+        products = stacked.new_empty(batch, num_subsets, c, h, w) if kept_mul else None
+        attention, chunk_stats = [], []
+        for start in range(0, batch, plan.chunk):
+            end = start + plan.chunk
+            x, target = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
+            stats = []
+            for g, (op, keep) in enumerate(zip(plan.groups, plan.keep)):
+                fused, aux = _fuse(
+                    op, x, plan.subsets, params, g, products[start:end] if keep and op == "mul" else None
+                )
+                out = softmaxes[g][start:end] if keep else _workspace("softmax", fused)
+                stats.append(ce_dice_forward(fused, *target, out=out)[1])
+                if keep and op == "awf":
+                    attention.append(aux)
+            chunk_stats.append(torch.cat(stats))
+        ctx.plan, ctx.num_params = plan, len(params)
+        ctx.save_for_backward(stacked, products, *params, *softmaxes, *attention)
+        return torch.stack(chunk_stats).sum(dim=0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        plan, (stacked, products, *rest) = ctx.plan, ctx.saved_tensors
+        params, rest = rest[: ctx.num_params], rest[ctx.num_params :]
+        softmaxes, attention = rest[: len(plan.groups)], rest[len(plan.groups) :]
+        grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
+        grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
+        with torch.autocast(device_type=stacked.device.type, enabled=False):
+            for c, start in enumerate(range(0, stacked.shape[0], plan.chunk)):
+                end = start + plan.chunk
+                x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
+                grad_x, row = grad_stacked[start:end], 0
+                for g, (op, keep) in enumerate(zip(plan.groups, plan.keep)):
+                    if keep:
+                        fused = products[start:end] if op == "mul" else x if op == "original" else None
+                        aux = attention[c] if op == "awf" else None
+                        p = softmaxes[g][start:end]
+                    else:
+                        fused, aux = _fuse(op, x, plan.subsets, params, g)
+                        p = softmax(fused, out=_workspace("softmax", fused))
+                    rows = grad[row : row + p.shape[1]]
+                    row += p.shape[1]
+                    if op == "original":
+                        ce_dice_backward(p, rows, target, valid, out=grad_x)
+                        continue
+                    grad_fused = ce_dice_backward(p, rows, target, valid, out=_workspace("grad", p))
+                    fuse_backward(
+                        op,
+                        x,
+                        fused,
+                        aux,
+                        grad_fused,
+                        grad_x,
+                        plan.subsets,
+                        params[2 * g - 2],
+                        grad_params[2 * g - 2 : 2 * g],
+                    )
+        return None, grad_stacked, *grad_params
+
+
+def _fuse(
+    op: str, x: Tensor, subsets: SubsetPlan, params: Sequence[Tensor | None], group: int, into: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """One operator group of a chunk: ``(b, K, C, H, W)`` maps (in ``into`` or a workspace) and the fusion's extra."""
+    if op == "original":
+        return x, None
+    b, _, c, h, w = x.shape
+    if into is None:
+        into = _workspace("fused", x, (b, len(subsets.subsets), c, h, w))
+    return into, fuse_forward(op, x, into, subsets, params[2 * group - 2], params[2 * group - 1])
+
+
+def _chunk_size(stacked: Tensor, num_subsets: int, memory_efficient: bool) -> int:
+    """Images per chunk: one when saving memory; on the CPU as many as fit the cached buffers; else the batch."""
+    batch, num_maps, c, h, w = stacked.shape
+    if memory_efficient:
+        return 1
+    if stacked.device.type != "cpu":
+        return batch
+    per_image = max(num_maps, num_subsets) * c * h * w * stacked.element_size()
+    return max(1, min(batch, _CPU_CHUNK_BYTES // per_image))
+
+
+def _target_chunk(prepared: CEDiceTarget, start: int, size: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(target, valid, onehot)`` of images ``start .. start + size``."""
+    valid = None if prepared.valid is None else prepared.valid[start : start + size]
+    return prepared.target[start : start + size], valid, prepared.onehot[start : start + size]
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(name: str, like: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+    """A scratch tensor of ``shape`` (default ``like.shape``), reused across calls on the CPU.
+
+    Fresh large CPU allocations are returned to the OS on free and page-faulted back in on first touch, which costs
+    more than the arithmetic here; each thread keeps one buffer per name and grows it as needed. On other devices
+    the caching allocator already reuses memory, so this is ``like.new_empty(shape)``.
+    """
+    shape = tuple(like.shape if shape is None else shape)
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    numel, key = math.prod(shape), (name, like.dtype, torch.is_inference_mode_enabled())
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = cache[key] = like.new_empty(numel)
+    return buffer[:numel].view(shape)

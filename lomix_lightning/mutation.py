@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from lomix_lightning.ops.subsets import OPERATORS, enumerate_subsets, map_names, validate_operators
 
@@ -45,6 +47,170 @@ def _subset_key(subset: tuple[int, ...]) -> str:
     return "_".join(str(i + 1) for i in subset)
 
 
+@dataclass(frozen=True)
+class SubsetPlan:
+    """Index bookkeeping shared by the fusion kernels.
+
+    Attributes:
+        subsets: The fused subsets, in ``itertools.combinations`` order (all pairs, then triples, ...).
+        prefix: Per subset, the position of its prefix ``S[:-1]`` in ``subsets`` (``-1`` for pairs).
+        rows: Per subset, its first row among the ``sum |S|`` awf scores.
+        sizes: ``(first row, number of subsets, subset size)`` per subset size (awf softmax groups).
+
+    Example:
+        >>> plan = SubsetPlan.build(3)
+        >>> plan.subsets, plan.prefix, plan.rows
+        (((0, 1), (0, 2), (1, 2), (0, 1, 2)), (-1, -1, -1, 0), (0, 2, 4, 6))
+    """
+
+    subsets: tuple[tuple[int, ...], ...]
+    prefix: tuple[int, ...]
+    rows: tuple[int, ...]
+    sizes: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def build(cls, num_outputs: int) -> SubsetPlan:
+        """The plan of every subset of ``num_outputs`` maps."""
+        subsets = tuple(enumerate_subsets(num_outputs))
+        position = {s: k for k, s in enumerate(subsets)}
+        prefix = tuple(position.get(s[:-1], -1) for s in subsets)
+        rows, sizes, row = [], [], 0
+        for size in range(2, num_outputs + 1):
+            count = sum(len(s) == size for s in subsets)
+            sizes.append((row, count, size))
+            rows.extend(row + size * j for j in range(count))
+            row += size * count
+        return cls(subsets, prefix, tuple(rows), tuple(sizes))
+
+
+def fuse_forward(
+    op: str, x: Tensor, out: Tensor, plan: SubsetPlan, weight: Tensor | None, bias: Tensor | None
+) -> Tensor | None:
+    """Write one operator's mutants of ``x`` (``(b, L, C, H, W)``) into ``out`` (``(b, K, C, H, W)``), no autograd.
+
+    ``add``/``mul`` reuse each subset's prefix; ``cat`` and ``awf`` run one block-sparse ``(rows, L*C)`` matrix
+    product over all subsets. Returns the awf attention ``(b, sum |S|, H*W)`` (what its backward needs), else ``None``.
+
+    Example:
+        >>> x = torch.arange(3.0).view(1, 3, 1, 1, 1)  # (b, L, C, H, W): maps holding 0, 1, 2
+        >>> out = torch.empty(1, 4, 1, 1, 1)
+        >>> fuse_forward("add", x, out, SubsetPlan.build(3), None, None)
+        >>> out.flatten().tolist()  # (1,2), (1,3), (2,3), (1,2,3)
+        [1.0, 2.0, 3.0, 3.0]
+    """
+    b, num_maps, c, h, w = x.shape
+    xs, outs = x.view(b, num_maps, c, h * w), out.view(b, -1, c, h * w)
+    if op in ("add", "mul"):
+        combine = torch.add if op == "add" else torch.mul
+        for k, s in enumerate(plan.subsets):
+            head = xs[:, s[0]] if plan.prefix[k] < 0 else outs[:, plan.prefix[k]]
+            combine(head, xs[:, s[-1]], out=outs[:, k])
+        return None
+    flat = x.view(b, num_maps * c, h * w)  # (b, L*C, HW)
+    if op == "cat":
+        rows = out.shape[1] * c
+        torch.baddbmm(
+            bias.view(1, rows, 1).expand(b, rows, h * w), weight.expand(b, -1, -1), flat, out=outs.view(b, rows, h * w)
+        )
+        return None
+    attention = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1), flat)  # (b, sum |S|, HW) scores
+    for row, count, size in plan.sizes:  # softmax over the members of each subset
+        scores = attention[:, row : row + count * size].view(b, count, size, h * w)
+        scores.copy_(scores.softmax(dim=2))
+    for k, s in enumerate(plan.subsets):
+        row = plan.rows[k]
+        torch.mul(xs[:, s[0]], attention[:, row, None], out=outs[:, k])
+        for j, i in enumerate(s[1:], start=1):
+            outs[:, k].addcmul_(xs[:, i], attention[:, row + j, None])
+    return attention
+
+
+def fuse_backward(
+    op: str,
+    x: Tensor,
+    fused: Tensor,
+    aux: Tensor | None,
+    grad: Tensor,
+    grad_x: Tensor,
+    plan: SubsetPlan,
+    weight: Tensor | None,
+    grad_params: list[Tensor] | None,
+) -> None:
+    """Accumulate the gradient of one operator's mutants into ``grad_x`` and ``grad_params``, no autograd.
+
+    Args:
+        op: The operator.
+        x: ``(b, L, C, H, W)`` the maps the mutants were made of.
+        fused: ``(b, K, C, H, W)`` the mutants (read by ``mul`` only).
+        aux: What :func:`fuse_forward` returned.
+        grad: ``(b, K, C, H, W)`` gradient of the mutants; ``mul`` overwrites it.
+        grad_x: ``(b, L, C, H, W)`` accumulated in place.
+        plan: The subset plan.
+        weight: The ``cat``/``awf`` block-sparse weight; for ``add`` the ``(L, K)`` subset incidence.
+        grad_params: ``[grad weight, grad bias]`` accumulated in place (``cat``/``awf``; ``None`` to skip).
+    """
+    b, num_maps, c, h, w = x.shape
+    xs, gx, gs = x.view(b, num_maps, c, h * w), grad_x.view(b, num_maps, c, h * w), grad.view(b, -1, c, h * w)
+    if op == "add":  # grad x_i = sum of grad over the subsets holding i: one (L, K) 0/1 matrix product
+        grad_x.view(b, num_maps, -1).baddbmm_(weight.expand(b, -1, -1), grad.view(b, grad.shape[1], -1))
+        return
+    if op == "mul":  # F_S = F_prefix * x_last; reverse order sees every subset after all its extensions
+        fs = fused.view(b, -1, c, h * w)
+        for k in reversed(range(len(plan.subsets))):
+            s, pre = plan.subsets[k], plan.prefix[k]
+            head = xs[:, s[0]] if pre < 0 else fs[:, pre]
+            gx[:, s[-1]].addcmul_(gs[:, k], head)
+            (gx[:, s[0]] if pre < 0 else gs[:, pre]).addcmul_(gs[:, k], xs[:, s[-1]])
+        return
+    flat, grad_flat = x.view(b, num_maps * c, h * w), grad_x.view(b, num_maps * c, h * w)
+    if op == "cat":
+        scores_grad = grad.view(b, -1, h * w)  # (b, K*C, HW)
+    else:
+        attention = aux
+        d_attention = torch.empty_like(attention)
+        for k, s in enumerate(plan.subsets):
+            row = plan.rows[k]
+            for j, i in enumerate(s):
+                torch.linalg.vecdot(gs[:, k], xs[:, i], dim=1, out=d_attention[:, row + j])
+                gx[:, i].addcmul_(gs[:, k], attention[:, row + j, None])
+        scores_grad = torch.empty_like(attention)
+        for row, count, size in plan.sizes:  # softmax backward per subset
+            a = attention[:, row : row + count * size].view(b, count, size, h * w)
+            da = d_attention[:, row : row + count * size].view(b, count, size, h * w)
+            scores_grad[:, row : row + count * size] = (a * (da - (a * da).sum(dim=2, keepdim=True))).flatten(1, 2)
+    grad_flat.baddbmm_(weight.t().expand(b, -1, -1), scores_grad)
+    if grad_params is not None and grad_params[0] is not None:
+        grad_params[0] += torch.bmm(scores_grad, flat.transpose(1, 2)).sum(dim=0)
+        grad_params[1] += scores_grad.sum(dim=(0, 2))
+
+
+class _Fuse(torch.autograd.Function):
+    """One operator's mutants ``(B, K, C, H, W)`` of ``(B, L, C, H, W)`` maps, with the hand-written backward."""
+
+    @staticmethod
+    def forward(ctx, op, plan, x, weight, bias):  # noqa: D102
+        b, _, c, h, w = x.shape
+        out = x.new_empty(b, len(plan.subsets), c, h, w)
+        aux = fuse_forward(op, x, out, plan, weight, bias)
+        ctx.op, ctx.plan = op, plan
+        ctx.save_for_backward(x, weight, out if op == "mul" else None, aux)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        x, weight, fused, aux = ctx.saved_tensors
+        grad_x = torch.zeros_like(x)
+        grad_params = (
+            [torch.zeros_like(weight), weight.new_zeros(weight.shape[0])] if ctx.op in ("cat", "awf") else None
+        )
+        grad = grad.clone() if ctx.op == "mul" else grad.contiguous()  # mul accumulates into it
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            fuse_backward(ctx.op, x, fused, aux, grad, grad_x, ctx.plan, weight, grad_params)
+        grad_weight, grad_bias = (None, None) if grad_params is None else grad_params
+        return None, None, grad_x, grad_weight, grad_bias
+
+
 class CombinatorialMutation(nn.Module):
     """Fuse every subset (``|S| >= 2``) of a network's output maps with the paper's operators.
 
@@ -55,9 +221,9 @@ class CombinatorialMutation(nn.Module):
     convolution per subset over the concatenation (``|S|*C -> |S|`` scores, Eq. 4), softmax over the members per
     pixel, and the weighted sum of the member logits (Eq. 5). Only the chosen operators create parameters.
 
-    Internally the per-subset convolutions of one operator run as a single block-sparse 1x1 convolution over all
-    ``L*C`` input channels, ``add``/``mul`` reuse the result of each subset's prefix, and no map is copied into a
-    stacked tensor.
+    Internally the maps are stacked once into ``(B, L, C, H, W)``; each operator writes all its mutants into one
+    ``(B, K, C, H, W)`` tensor with a hand-written backward: ``add``/``mul`` reuse the result of each subset's
+    prefix, and the per-subset convolutions of ``cat``/``awf`` run as one block-sparse ``(rows, L*C)`` matrix product.
 
     Args:
         num_outputs: Number ``L`` of maps the network returns.
@@ -92,7 +258,12 @@ class CombinatorialMutation(nn.Module):
         self.num_outputs = num_outputs
         self.num_classes = num_classes
         self.subsets = enumerate_subsets(num_outputs)
+        self.plan = SubsetPlan.build(num_outputs)
         self.map_names = map_names(num_outputs, self.operators)
+        incidence = torch.zeros(num_outputs, len(self.subsets))
+        for k, subset in enumerate(self.subsets):
+            incidence[list(subset), k] = 1.0
+        self.register_buffer("_incidence", incidence, persistent=False)
         c, num_in = num_classes, num_outputs * num_classes
         if "cat" in self.operators:
             self.cat = nn.ModuleDict({_subset_key(s): nn.Conv2d(len(s) * c, c, 1) for s in self.subsets})
@@ -115,15 +286,23 @@ class CombinatorialMutation(nn.Module):
             row0 += rows
         return torch.tensor(index, dtype=torch.long)
 
-    @staticmethod
-    def _dense(
-        convs: nn.ModuleDict, index: Tensor, rows: int, num_in: int, dtype: torch.dtype
-    ) -> tuple[Tensor, Tensor]:
-        """Assemble per-subset 1x1 convolutions into one block-sparse ``(rows, num_in, 1, 1)`` weight and a bias."""
+    def dense_parameters(self, op: str, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        """The per-subset 1x1 convolutions of ``cat``/``awf`` as one block-sparse ``(rows, L*C)`` weight and a bias.
+
+        Differentiable: gradients reach each subset's convolution. For ``add`` the weight is the constant ``(L, K)``
+        0/1 incidence of maps in subsets (its backward is one matrix product); ``(None, None)`` for ``mul``.
+        """
+        if op == "add":
+            return self._incidence.to(dtype), None
+        if op not in ("cat", "awf"):
+            return None, None
+        convs, index = (self.cat, self._cat_index) if op == "cat" else (self.awf, self._awf_index)
+        rows = sum(conv.out_channels for conv in convs.values())
+        num_in = self.num_outputs * self.num_classes
         flat = torch.cat([conv.weight.reshape(-1) for conv in convs.values()]).to(dtype)
         weight = flat.new_zeros(rows * num_in).index_copy(0, index, flat)
         bias = torch.cat([conv.bias for conv in convs.values()]).to(dtype)
-        return weight.view(rows, num_in, 1, 1), bias
+        return weight.view(rows, num_in), bias
 
     def validate(self, outputs: Sequence[Tensor]) -> None:
         """Check the network outputs: count, tensor type, 4-D, same batch size, ``num_classes`` channels.
@@ -160,63 +339,29 @@ class CombinatorialMutation(nn.Module):
         largest = max(outputs, key=lambda t: t.shape[-1] * t.shape[-2])
         return int(largest.shape[-2]), int(largest.shape[-1])
 
-    def prepare(self, outputs: Sequence[Tensor]) -> tuple[list[Tensor], Tensor | None]:
-        """Validate the outputs, cast them to the fusion dtype and resize them to the largest output size.
+    def prepare(self, outputs: Sequence[Tensor]) -> Tensor:
+        """Validate the outputs, cast them to the fusion dtype, resize them to the largest size and stack them.
 
         Call under :func:`full_precision` to keep autocast off.
 
         Returns:
-            The resized maps (a list of ``L`` tensors ``(B, C, H, W)``) and, if ``cat`` or ``awf`` is enabled, their
-            channel concatenation ``(B, L*C, H, W)`` (else ``None``).
+            ``(B, L, C, H, W)``: the maps ``P1..PL``.
         """
         self.validate(outputs)
-        maps = upsample_to(outputs, self.output_size(outputs), fusion_dtype(outputs[0].dtype))
-        stacked = torch.cat(maps, dim=1) if {"cat", "awf"} & set(self.operators) else None  # (B, L*C, H, W)
-        return maps, stacked
+        return torch.stack(upsample_to(outputs, self.output_size(outputs), fusion_dtype(outputs[0].dtype)), dim=1)
 
-    def fuse(self, operator: str, maps: list[Tensor], stacked: Tensor | None) -> list[Tensor]:
-        """One operator's mutants, one ``(B, C, H, W)`` map per subset in :attr:`subsets` order."""
+    def fuse(self, operator: str, stacked: Tensor) -> Tensor:
+        """One operator's mutants ``(B, K, C, H, W)``, one map per subset in :attr:`subsets` order."""
         if operator not in self.operators:
             raise ValueError(f"operator {operator!r} is not enabled; enabled operators are {list(self.operators)}")
-        return getattr(self, f"_fuse_{operator}")(maps, stacked)
+        if not self.subsets:
+            return stacked[:, :0]
+        weight, bias = self.dense_parameters(operator, stacked.dtype)
+        return _Fuse.apply(operator, self.plan, stacked.contiguous(), weight, bias)
 
     def forward(self, outputs: Sequence[Tensor]) -> dict[str, Tensor]:
         """Every supervised map by name (see :attr:`map_names`), each ``(B, C, H, W)``."""
         with full_precision(outputs[0].device if len(outputs) else torch.device("cpu")):
-            maps, stacked = self.prepare(outputs)
-            fused = [m for op in self.operators for m in self.fuse(op, maps, stacked)]
-        return dict(zip(self.map_names, maps + fused))
-
-    def _fuse_prefix(self, maps: list[Tensor], combine: Callable[[Tensor, Tensor], Tensor]) -> list[Tensor]:
-        # combinations order lists every subset after its prefix, so each mutant costs one operation
-        done: dict[tuple[int, ...], Tensor] = {}
-        for s in self.subsets:
-            head = maps[s[0]] if len(s) == 2 else done[s[:-1]]
-            done[s] = combine(head, maps[s[-1]])
-        return list(done.values())
-
-    def _fuse_add(self, maps: list[Tensor], stacked: Tensor | None) -> list[Tensor]:
-        return self._fuse_prefix(maps, torch.add)
-
-    def _fuse_mul(self, maps: list[Tensor], stacked: Tensor | None) -> list[Tensor]:
-        return self._fuse_prefix(maps, torch.mul)
-
-    def _fuse_cat(self, maps: list[Tensor], stacked: Tensor) -> list[Tensor]:
-        c, k = self.num_classes, len(self.subsets)
-        weight, bias = self._dense(self.cat, self._cat_index, k * c, stacked.shape[1], stacked.dtype)
-        fused = F.conv2d(stacked, weight, bias)  # (B, L*C, H, W) -> (B, K*C, H, W)
-        return list(fused.split(c, dim=1))
-
-    def _fuse_awf(self, maps: list[Tensor], stacked: Tensor) -> list[Tensor]:
-        rows = sum(len(s) for s in self.subsets)
-        weight, bias = self._dense(self.awf, self._awf_index, rows, stacked.shape[1], stacked.dtype)
-        scores = F.conv2d(stacked, weight, bias)  # (B, sum|S|, H, W): each subset's member scores, in order
-        fused, row0 = [], 0
-        for s in self.subsets:
-            attention = scores[:, row0 : row0 + len(s)].softmax(dim=1)  # (B, |S|, H, W)
-            out = attention[:, :1] * maps[s[0]]
-            for j, i in enumerate(s[1:], start=1):
-                out = out + attention[:, j : j + 1] * maps[i]
-            fused.append(out)
-            row0 += len(s)
-        return fused
+            stacked = self.prepare(outputs)
+            groups = [stacked] + [self.fuse(op, stacked) for op in self.operators]
+        return dict(zip(self.map_names, [group[:, k] for group in groups for k in range(group.shape[1])]))

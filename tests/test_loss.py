@@ -265,3 +265,34 @@ def test_module_matches_cmm_map_order():
     loss = LoMixLoss(3, 2)
     assert isinstance(loss.mutation, CombinatorialMutation)
     assert loss.map_names == loss.mutation.map_names
+
+
+def test_ce_dice_gradcheck_with_ignore_index():
+    logits = torch.randn(2, 3, 3, 4, 4, dtype=torch.float64, requires_grad=True)  # (B, M, C, H, W)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[0, :2] = 7
+
+    def fn(z):
+        return ce_dice_loss(z, target, ignore_index=7)
+
+    assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-6)
+
+
+def test_ce_dice_large_logit_gaps_match_log_softmax():
+    """CE uses z_t - max z + log max p instead of a log-softmax pass: exact also where p_t underflows."""
+    logits = torch.randn(2, 4, 5, 5) * 200.0  # products of logits reach such gaps
+    target = torch.randint(0, 4, (2, 5, 5))
+    got = ce_dice_loss(logits, target, ce_weight=1.0, dice_weight=0.0)
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got, F.cross_entropy(logits, target), rtol=1e-5, atol=1e-4)
+
+
+def test_single_output_with_operators_has_no_mutants():
+    loss = LoMixLoss(1, 3, scheme="mutation")
+    outputs = [torch.randn(2, 3, 8, 8, requires_grad=True)]
+    target = torch.randint(0, 3, (2, 8, 8))
+    result = loss(outputs, target)
+    assert loss.map_names == ["P1"] and result.per_map.shape == (1,)
+    torch.testing.assert_close(result.total, _ce_dice_reference(outputs[0], target))
+    result.total.backward()
+    assert outputs[0].grad.abs().sum() > 0
