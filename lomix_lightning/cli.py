@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 from collections.abc import Sequence
+from pickle import UnpicklingError
 from typing import Any
 
 import lightning.pytorch as pl
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lomix_lightning._cli_errors import summarize_error
+from lomix_lightning._interrupt import EXIT_CODES, InterruptCheckpoint
 
 DEMO_MODEL: dict[str, Any] = {
     "class_path": "lomix_lightning.LoMixSegmentationModule",
@@ -86,9 +95,27 @@ class LoMixCLI(LightningCLI):
             }
         )
 
+    def _dump_config(self) -> None:
+        super()._dump_config()
+        # Lightning 2.6 sets the linked in_channels into model.init_args.network.init_args of this dump and fails with
+        # "Expected key ... to be in data" when a network's only arguments are linked ones (the dump then has no
+        # init_args); give it an empty one
+        model = self.config_dump.get("model") if isinstance(self.config_dump, dict) else None
+        network = model.get("init_args", {}).get("network") if isinstance(model, dict) else None
+        if isinstance(network, dict) and "class_path" in network:
+            network.setdefault("init_args", {})
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The configured Trainer plus an :class:`InterruptCheckpoint` (SIGTERM / Ctrl-C save a checkpoint)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if not any(isinstance(c, InterruptCheckpoint) for c in trainer.callbacks):
+            trainer.callbacks.append(InterruptCheckpoint())
+        return trainer
+
     def after_fit(self) -> None:
         """Tell the user where the checkpoints, logs and plots went."""
         trainer = self.trainer
+        log_dir = trainer.log_dir  # a collective call under DDP: every rank must make it
         if not trainer.is_global_zero:
             return
         lines = []
@@ -96,7 +123,7 @@ class LoMixCLI(LightningCLI):
             kind = f"best ({checkpoint.monitor})" if checkpoint.monitor else "latest"
             if checkpoint.best_model_path:
                 lines.append(f"{kind} checkpoint: {checkpoint.best_model_path}")
-        lines.append(f"logs: {trainer.log_dir or trainer.default_root_dir}")
+        lines.append(f"logs: {log_dir or trainer.default_root_dir}")
         from lomix_lightning.callbacks import BestEpochWeightBarChart, WeightTrajectoryLogger
         from lomix_lightning.callbacks._weights import output_dir
 
@@ -106,9 +133,40 @@ class LoMixCLI(LightningCLI):
         print("\n".join(["", "lomix fit finished.", *lines]))
 
 
-def _error(message: str, code: int = 2) -> int:
-    print(f"lomix: error: {message}", file=sys.stderr)
+_HINTS = (("but got num_samples=0", "a shuffled DataLoader got an empty dataset"),)
+"""Plain-words context for cryptic messages from dependencies: (text in the message, what it means)."""
+
+
+def _with_hint(message: str) -> str:
+    hint = next((hint for needle, hint in _HINTS if needle in message), None)
+    return f"{hint} ({message})" if hint else message
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
+
+
+def _error(message: str, code: int = 2, label: str = "error") -> int:
+    rank = _rank()
+    where = f"lomix (rank {rank})" if rank else "lomix"
+    print(f"{where}: {label}: {' '.join(str(message).split())}", file=sys.stderr)
     return code
+
+
+def _interrupted(error: SIGTERMException) -> int:
+    record = getattr(error, "lomix_interrupt", None)
+    if record is None:
+        return _error("interrupted (SIGTERM)", EXIT_CODES["SIGTERM"], "stopped")
+    if not record.is_global_zero:
+        return record.exit_code
+    print(f"lomix: {record.message()}", file=sys.stderr)
+    return record.exit_code
+
+
+def _run_cli(args: list[str]) -> None:
+    with warnings.catch_warnings():  # main() hands over sys.argv itself: that is no mistake
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        LoMixCLI(args=args, parser_kwargs={"prog": "lomix", "exit_on_error": False})
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,12 +188,37 @@ def main(argv: Sequence[str] | None = None) -> int:
             return compare_main(args[1:])
         if not args or args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
             args = ["fit", *args]  # `lomix` alone trains the demo
-        LoMixCLI(args=args)
+        _run_cli(args)
+    except SIGTERMException as error:  # SIGTERM, or a first Ctrl-C during fit (InterruptCheckpoint)
+        return _interrupted(error)
+    except SystemExit as error:
+        if isinstance(error.__context__, KeyboardInterrupt):  # Lightning exits 1 on a KeyboardInterrupt
+            return _aborted()
+        raise
     except KeyboardInterrupt:
-        return _error("interrupted; the last checkpoint (if any) is in the run directory", 130)
-    except (ValueError, TypeError, FileNotFoundError, ImportError, FloatingPointError) as error:
-        return _error(f"{type(error).__name__}: {error}")
+        return _aborted()
+    except ArgumentError as error:
+        return _error(summarize_error(str(error)))
+    except (ValueError, MisconfigurationException) as error:
+        return _error(_with_hint(summarize_error(str(error))))
+    except UnpicklingError as error:  # torch.load(weights_only=True) met a pickled object, or no checkpoint at all
+        return _error(_unpickling_reason(str(error)))
+    except (TypeError, FileNotFoundError, ImportError, FloatingPointError) as error:
+        return _error(f"{type(error).__name__}: {summarize_error(str(error))}")
     return 0
+
+
+def _unpickling_reason(message: str) -> str:
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    unsafe = next((line for line in lines if "Unsupported global" in line), None)
+    if unsafe is not None:
+        return f"the checkpoint holds pickled code, refused by torch.load(weights_only=True): {unsafe}"
+    after = [line for line in lines if not line.startswith(("Weights only load failed", "Please file", "Check the"))]
+    return f"not a readable PyTorch checkpoint (damaged, or another format): {' '.join(after or lines[:1])}"
+
+
+def _aborted() -> int:
+    return _error("aborted by Ctrl-C; the last epoch checkpoint (if any) is in the run directory", 130, "stopped")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -71,6 +71,8 @@ class LoMixSegmentationModule(pl.LightningModule):
         img_size: Slice size used to predict volume test sets; ``None`` = the datamodule's ``img_size``.
         nonfinite_loss: ``raise`` an error naming the maps with a NaN/Inf loss, or ``skip`` the batch and count it
             (one device-to-host sync per step).
+        memory_efficient: Passed to :class:`~lomix_lightning.LoMixLoss`: recompute every mutant and softmax in
+            backward, one image at a time, instead of keeping them (lowest memory, same gradients).
 
     Example:
         >>> from lomix_lightning.models import UNet
@@ -103,6 +105,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         hd95_empty_rule: EmptyRule = "transunet",
         img_size: int | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
+        memory_efficient: bool = False,
     ) -> None:
         super().__init__()
         # built by LightningCLI: hparams are the parsed config (plain data); built in Python: drop the objects here
@@ -142,6 +145,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         self.test_cases = CaseScores(scored - 1)
         self.test_case_results: dict[str, np.ndarray] = {}
         self.skipped_batches = 0
+        self._skip_update = False
 
     # ------------------------------------------------------------------ construction helpers
     def _store_plain_hparams(self, network: nn.Module, optimizer: Any, lr_scheduler: Any) -> None:
@@ -192,6 +196,7 @@ class LoMixSegmentationModule(pl.LightningModule):
             ce_weight=hp.ce_weight,
             dice_weight=hp.dice_weight,
             ignore_index=hp.ignore_index,
+            memory_efficient=hp.get("memory_efficient", False),
         )
         self.hparams["num_outputs"] = num_outputs
 
@@ -223,7 +228,9 @@ class LoMixSegmentationModule(pl.LightningModule):
             loader = trainer.fit_loop._data_source.dataloader()
         if loader is None:
             raise ValueError("cannot infer the network's number of outputs: pass num_outputs=L to the module")
-        batch = next(iter(loader))
+        batch = next(iter(loader), None)
+        if batch is None:
+            raise ValueError(f"the training set is empty: the train dataloader yields no batch ({_describe(loader)})")
         if "image" not in batch:
             raise ValueError(f"batches must be dicts with 'image' and 'mask', got keys {sorted(batch)}")
         return batch
@@ -280,24 +287,90 @@ class LoMixSegmentationModule(pl.LightningModule):
         image, mask = self._check_batch(batch)
         outputs = self._network_outputs(image, mask.shape[-2:])
         result = self.criterion(outputs, mask)
-        if not bool(torch.isfinite(result.total)):
+        local = not bool(torch.isfinite(result.total))
+        if self._any_rank(local):  # every rank takes the same branch, so DDP never waits for a missing backward
             bad = [n for n, v in zip(self.criterion.map_names, result.per_map.tolist()) if not math.isfinite(v)]
-            message = f"non-finite loss at step {self.global_step} (batch {batch_idx}) in maps {bad or ['<weights>']}"
+            where = f"in maps {bad or ['<weights>']}" if local else "on another rank"
+            message = f"non-finite loss at step {self.global_step} (batch {batch_idx}) {where}"
             if self.hparams.nonfinite_loss == "raise":
                 raise FloatingPointError(message + "; set nonfinite_loss='skip' to skip such batches")
             self.skipped_batches += 1
             warnings.warn(message + "; batch skipped", stacklevel=2)
             self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
-            return None
+            if self._trainer is None or self.trainer.world_size <= 1:
+                return None  # Lightning skips backward and the optimizer step
+            # DDP forbids returning None: every rank returns an exact zero that reaches every parameter (so the
+            # gradient all-reduce runs as usual) and the optimizer step is dropped in on_before_optimizer_step
+            self._skip_update = True
+            return sum(p.reshape(-1)[:0].sum() for p in self.parameters() if p.requires_grad)
         batch_size = image.shape[0]
-        self.log("train/loss", result.total, prog_bar=True, on_step=True, on_epoch=True, batch_size=batch_size)
-        self.log("train/loss_original", result.original, on_step=False, on_epoch=True, batch_size=batch_size)
-        self.log("train/loss_mutant", result.mutant, on_step=False, on_epoch=True, batch_size=batch_size)
+        self.log(
+            "train/loss",
+            result.total,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=batch_size,
+            sync_dist=True,
+        )
+        self.log(
+            "train/loss_original", result.original, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+        )
+        self.log(
+            "train/loss_mutant", result.mutant, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
+        )
         return result.total
 
+    def _any_rank(self, flag: bool) -> bool:
+        """``flag`` OR-reduced over all processes (no communication on one device)."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size <= 1:
+            return flag
+        return trainer.strategy.reduce_boolean_decision(flag, all=False)
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._skip_update:  # a skipped non-finite batch under DDP: no update on any rank
+            optimizer.zero_grad(set_to_none=True)
+            self._skip_update = False
+
+    @override
+    def on_fit_end(self) -> None:
+        trainer = self.trainer
+        if trainer.limit_train_batches != 0 and trainer.num_training_batches == 0:
+            loader = _describe(trainer.train_dataloader)
+            raise ValueError(f"the training set is empty: the train dataloader yields no batch ({loader})")
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["lomix_skipped_batches"] = self.skipped_batches
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        if isinstance(saved, int) and saved != self.num_classes:
+            raise ValueError(
+                f"the checkpoint was trained with num_classes={saved} but this model has num_classes={self.num_classes}"
+                f"; build the model with num_classes={saved}"
+            )
+        self.skipped_batches = int(checkpoint.get("lomix_skipped_batches", 0))
+
     # ------------------------------------------------------------------ evaluation
+    def _check_labels(self, mask: Tensor, stage: str) -> None:
+        high = max(self.num_classes, 2) - 1  # binary masks hold 0 and 1
+        bad = (mask < 0) | (mask > high)
+        if self.hparams.ignore_index is not None:
+            bad &= mask != self.hparams.ignore_index
+        if bool(bad.any()):
+            values = torch.unique(mask[bad])[:10].tolist()
+            raise ValueError(
+                f"{stage} labels {values} outside [0, {high}] (num_classes={self.num_classes}); "
+                "do the data and the model (or checkpoint) have the same number of classes?"
+            )
+
     def _score_batch(self, batch: Mapping[str, Tensor], scores: SegmentationScores) -> None:
         image, mask = self._check_batch(batch)
+        self._check_labels(mask, "validation" if scores is self.val_scores else "test")
         logits = resize_logits(self(image), mask.shape[-2:])
         scores.update(self.predict_labels(logits), mask.long())
 
@@ -335,6 +408,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         image, mask = batch["image"], batch["mask"]
         if image.ndim == 4:  # (1, D, H, W) from a batch-size-1 loader
             image, mask = image[0], mask[0]
+        self._check_labels(mask, "test")
         spacing = batch.get("spacing")
         if isinstance(spacing, Tensor):
             spacing = spacing.reshape(-1).tolist()
@@ -416,3 +490,13 @@ class LoMixSegmentationModule(pl.LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/dice"}}
+
+
+def _describe(loader: Any) -> str:
+    """``"dataset of N samples, batch_size B, drop_last D"`` as far as ``loader`` tells."""
+    dataset = getattr(loader, "dataset", None)
+    parts = [f"dataset of {len(dataset)} samples" if hasattr(dataset, "__len__") else type(loader).__name__]
+    for name in ("batch_size", "drop_last"):
+        if getattr(loader, name, None) is not None:
+            parts.append(f"{name}={getattr(loader, name)}")
+    return ", ".join(parts)

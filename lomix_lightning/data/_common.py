@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 __all__ = [
     "check_fraction",
@@ -107,6 +107,33 @@ def check_label_range(label: np.ndarray, num_classes: int, source: str | Path) -
         raise ValueError(f"{source}: label map contains non-integer values")
 
 
+class EpochSeededSampler(Sampler[int]):
+    """A random order that depends only on ``(seed, epoch)``, so a resumed run sees the order a straight run sees.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch (as for ``DistributedSampler``).
+
+    Example:
+        >>> sampler = EpochSeededSampler(5, seed=0)
+        >>> first = list(sampler); sampler.set_epoch(1)
+        >>> sorted(first) == list(range(5)) and list(sampler) != first
+        True
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose order :meth:`__iter__` yields."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -137,10 +164,12 @@ def make_loader(
         5
     """
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    sampler = EpochSeededSampler(len(dataset), seed) if shuffle and seed is not None else None
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_fn,
         drop_last=drop_last,
