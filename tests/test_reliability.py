@@ -326,7 +326,7 @@ def test_misconfiguration_gives_one_line_and_help_still_works(capsys, tmp_path, 
         ([f"--data.class_path={__name__}.EmptyTrainSet"],
          "the training set is empty: the train dataloader yields no batch (dataset of 0 samples, batch_size=4"),
         ([f"--data.class_path={__name__}.EmptyShuffledTrainSet"],
-         "a shuffled DataLoader got an empty dataset (num_samples should be a positive integer value"),
+         "the training set is empty: the train dataloader yields no batch (dataset of 0 samples"),
     ],
     ids=["output_type", "output_count", "labels", "channels", "empty", "empty_shuffled"],
 )  # fmt: skip
