@@ -1,0 +1,203 @@
+"""The fused CE + Dice engine of :class:`~lomix_lightning.LoMixLoss`: fusion and loss of every map in one pass.
+
+Each operator writes all its mutants into one reused buffer, one softmax serves CE and Dice, and only sums leave the
+forward (the ``(M, 1 + 2C)`` statistics of :func:`~lomix_lightning.losses.ce_dice.ce_dice_stats`). The backward is
+written by hand: it keeps the softmax of a few groups and recomputes the rest chunk by chunk, which bounds memory.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from lomix_lightning.losses.ce_dice import CEDiceTarget, ce_dice_backward, ce_dice_forward, softmax
+from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward
+
+
+def lomix_ce_dice_stats(
+    stacked: Tensor,
+    operators: Sequence[str],
+    subsets: SubsetPlan,
+    prepared: CEDiceTarget,
+    params: Sequence[Tensor | None],
+    memory_efficient: bool = False,
+) -> Tensor:
+    """CE + Dice statistics of the original maps and of every operator's mutants, differentiable.
+
+    Args:
+        stacked: ``(B, L, C, H, W)`` the original maps.
+        operators: Operators whose mutants to score, in map order (may be empty).
+        subsets: The subset plan of ``L`` maps.
+        prepared: The target, from :func:`~lomix_lightning.losses.ce_dice.ce_dice_target`.
+        params: Per operator ``(weight, bias)`` from
+            :meth:`~lomix_lightning.CombinatorialMutation.dense_parameters`, flattened.
+        memory_efficient: Keep only ``stacked`` for backward and recompute everything there, one image at a time.
+
+    Returns:
+        ``(L + K * len(operators), 1 + 2C)`` statistics, originals first (see
+        :func:`~lomix_lightning.losses.ce_dice.ce_dice_from_stats`).
+
+    Example:
+        >>> from lomix_lightning.losses.ce_dice import ce_dice_stats, ce_dice_target
+        >>> x = torch.randn(2, 2, 3, 4, 4)  # (B, L, C, H, W)
+        >>> prepared = ce_dice_target(torch.randint(0, 3, (2, 4, 4)), 3, torch.float32)
+        >>> stats = lomix_ce_dice_stats(x, ["mul"], SubsetPlan.build(2), prepared, [None, None])
+        >>> torch.allclose(stats[2], ce_dice_stats(x.prod(1, keepdim=True), prepared)[0], atol=1e-5)
+        True
+    """
+    groups = ("original", *operators)
+    keep = tuple(not memory_efficient and op in _KEPT for op in groups)
+    chunk = _chunk_size(stacked, len(subsets.subsets), memory_efficient)
+    plan = _EnginePlan(groups, subsets, prepared, chunk, keep)
+    return _LoMixStats.apply(plan, stacked.contiguous(), *params)
+
+
+_CPU_CHUNK_BYTES = 48 * 2**20
+"""Size of one operator's mutants for a chunk of images on the CPU (the reused buffers are about three of these)."""
+
+_KEPT = ("original", "cat")
+"""Groups whose softmax the default engine keeps for backward (the others are recomputed, to bound memory)."""
+
+
+@dataclass(frozen=True)
+class _EnginePlan:
+    """What :class:`_LoMixStats` computes: operator groups (``"original"`` first), target, chunking, kept groups."""
+
+    groups: tuple[str, ...]
+    subsets: SubsetPlan
+    prepared: CEDiceTarget
+    chunk: int
+    keep: tuple[bool, ...]
+
+
+class _LoMixStats(torch.autograd.Function):
+    """CE + Dice statistics ``(M, 1 + 2C)`` of the original maps and all mutants, fusion and loss fused.
+
+    The batch is processed ``plan.chunk`` images at a time, each operator's mutants written into one reused
+    buffer. For the groups in ``plan.keep`` the softmax (and the ``mul`` products, the ``awf`` attention) is kept
+    for backward; the other groups' mutants and softmax are recomputed there, chunk by chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, stacked, *params):  # noqa: D102
+        batch, _, c, h, w = stacked.shape
+        num_subsets = len(plan.subsets.subsets)
+        softmaxes = [
+            stacked.new_empty(batch, stacked.shape[1] if op == "original" else num_subsets, c, h, w) if keep else None
+            for op, keep in zip(plan.groups, plan.keep)
+        ]
+        kept_mul = any(keep and op == "mul" for op, keep in zip(plan.groups, plan.keep))
+        products = stacked.new_empty(batch, num_subsets, c, h, w) if kept_mul else None
+        attention, chunk_stats = [], []
+        for start in range(0, batch, plan.chunk):
+            end = start + plan.chunk
+            x, target = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
+            stats = []
+            for g, (op, keep) in enumerate(zip(plan.groups, plan.keep)):
+                fused, aux = _fuse(
+                    op, x, plan.subsets, params, g, products[start:end] if keep and op == "mul" else None
+                )
+                out = softmaxes[g][start:end] if keep else _workspace("softmax", fused)
+                stats.append(ce_dice_forward(fused, *target, out=out)[1])
+                if keep and op == "awf":
+                    attention.append(aux)
+            chunk_stats.append(torch.cat(stats))
+        ctx.plan, ctx.num_params = plan, len(params)
+        ctx.save_for_backward(stacked, products, *params, *softmaxes, *attention)
+        return torch.stack(chunk_stats).sum(dim=0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):  # noqa: D102
+        plan, (stacked, products, *rest) = ctx.plan, ctx.saved_tensors
+        params, rest = rest[: ctx.num_params], rest[ctx.num_params :]
+        softmaxes, attention = rest[: len(plan.groups)], rest[len(plan.groups) :]
+        grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
+        grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
+        with torch.autocast(device_type=stacked.device.type, enabled=False):
+            for c, start in enumerate(range(0, stacked.shape[0], plan.chunk)):
+                end = start + plan.chunk
+                x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
+                grad_x, row = grad_stacked[start:end], 0
+                for g, (op, keep) in enumerate(zip(plan.groups, plan.keep)):
+                    if keep:
+                        fused = products[start:end] if op == "mul" else x if op == "original" else None
+                        aux = attention[c] if op == "awf" else None
+                        p = softmaxes[g][start:end]
+                    else:
+                        fused, aux = _fuse(op, x, plan.subsets, params, g)
+                        p = softmax(fused, out=_workspace("softmax", fused))
+                    rows = grad[row : row + p.shape[1]]
+                    row += p.shape[1]
+                    if op == "original":
+                        ce_dice_backward(p, rows, target, valid, out=grad_x)
+                        continue
+                    grad_fused = ce_dice_backward(p, rows, target, valid, out=_workspace("grad", p))
+                    fuse_backward(
+                        op,
+                        x,
+                        fused,
+                        aux,
+                        grad_fused,
+                        grad_x,
+                        plan.subsets,
+                        params[2 * g - 2],
+                        grad_params[2 * g - 2 : 2 * g],
+                    )
+        return None, grad_stacked, *grad_params
+
+
+def _fuse(
+    op: str, x: Tensor, subsets: SubsetPlan, params: Sequence[Tensor | None], group: int, into: Tensor | None = None
+) -> tuple[Tensor, Tensor | None]:
+    """One operator group of a chunk: ``(b, K, C, H, W)`` maps (in ``into`` or a workspace) and the fusion's extra."""
+    if op == "original":
+        return x, None
+    b, _, c, h, w = x.shape
+    if into is None:
+        into = _workspace("fused", x, (b, len(subsets.subsets), c, h, w))
+    return into, fuse_forward(op, x, into, subsets, params[2 * group - 2], params[2 * group - 1])
+
+
+def _chunk_size(stacked: Tensor, num_subsets: int, memory_efficient: bool) -> int:
+    """Images per chunk: one when saving memory; on the CPU as many as fit the cached buffers; else the batch."""
+    batch, num_maps, c, h, w = stacked.shape
+    if memory_efficient:
+        return 1
+    if stacked.device.type != "cpu":
+        return batch
+    per_image = max(num_maps, num_subsets) * c * h * w * stacked.element_size()
+    return max(1, min(batch, _CPU_CHUNK_BYTES // per_image))
+
+
+def _target_chunk(prepared: CEDiceTarget, start: int, size: int) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``(target, valid, onehot)`` of images ``start .. start + size``."""
+    valid = None if prepared.valid is None else prepared.valid[start : start + size]
+    return prepared.target[start : start + size], valid, prepared.onehot[start : start + size]
+
+
+_WORKSPACE = threading.local()
+
+
+def _workspace(name: str, like: Tensor, shape: Sequence[int] | None = None) -> Tensor:
+    """A scratch tensor of ``shape`` (default ``like.shape``), reused across calls on the CPU.
+
+    Fresh large CPU allocations are returned to the OS on free and page-faulted back in on first touch, which costs
+    more than the arithmetic here; each thread keeps one buffer per name and grows it as needed. On other devices
+    the caching allocator already reuses memory, so this is ``like.new_empty(shape)``.
+    """
+    shape = tuple(like.shape if shape is None else shape)
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    cache = _WORKSPACE.__dict__.setdefault("buffers", {})
+    numel, key = math.prod(shape), (name, like.dtype, torch.is_inference_mode_enabled())
+    buffer = cache.get(key)
+    if buffer is None or buffer.numel() < numel:
+        buffer = cache[key] = like.new_empty(numel)
+    return buffer[:numel].view(shape)
