@@ -17,7 +17,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lomix_lightning.losses.ce_dice import CEDiceTarget, ce_dice_backward, ce_dice_forward, softmax
-from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward
+from lomix_lightning.native import group_grad, group_stats, subset_layout, usable
+from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward, linear_backward, linear_scores
 
 
 def lomix_ce_dice_stats(
@@ -52,9 +53,10 @@ def lomix_ce_dice_stats(
         True
     """
     groups = ("original", *operators)
-    keep = tuple(not memory_efficient and op in _KEPT for op in groups)
+    native = usable(stacked)
+    keep = tuple(not memory_efficient and not native and op in _KEPT for op in groups)
     chunk = _chunk_size(stacked, len(subsets.subsets), memory_efficient)
-    plan = _EnginePlan(groups, subsets, prepared, chunk, keep)
+    plan = _EnginePlan(groups, subsets, prepared, chunk, keep, native)
     return _LoMixStats.apply(plan, stacked.contiguous(), *params)
 
 
@@ -67,28 +69,37 @@ _KEPT = ("original", "cat")
 
 @dataclass(frozen=True)
 class _EnginePlan:
-    """What :class:`_LoMixStats` computes: operator groups (``"original"`` first), target, chunking, kept groups."""
+    """What :class:`_LoMixStats` computes: operator groups (``"original"`` first), target, chunking, kept groups.
+
+    ``native``: the compiled CPU kernels (:mod:`lomix_lightning.native`) fuse and score the maps.
+    """
 
     groups: tuple[str, ...]
     subsets: SubsetPlan
     prepared: CEDiceTarget
     chunk: int
     keep: tuple[bool, ...]
+    native: bool = False
 
 
 class _LoMixStats(torch.autograd.Function):
     """CE + Dice statistics ``(M, 1 + 2C)`` of the original maps and all mutants, fusion and loss fused.
 
     The batch is processed ``plan.chunk`` images at a time, each operator's mutants written into one reused
-    buffer. For the groups in ``plan.keep`` the softmax (and the ``mul`` products, the ``awf`` attention) is kept
-    for backward; the other groups' mutants and softmax are recomputed there, chunk by chunk.
+    buffer. For the groups in ``plan.keep`` the softmax (and the ``awf`` attention) is kept for backward; the other
+    groups' mutants and softmax are recomputed there, chunk by chunk. With ``plan.native`` the compiled kernels fuse
+    each group's fusion, softmax, CE and Dice per pixel block (no map is stored) and backward recomputes everything.
     """
 
     @staticmethod
     def forward(ctx, plan, stacked, *params):  # noqa: D102
+        ctx.plan, ctx.num_params = plan, len(params)
+        if plan.native:
+            ctx.save_for_backward(stacked, None, *params)
+            return _native_forward(plan, stacked, params)
         batch, _, c, h, w = stacked.shape
         num_subsets = len(plan.subsets.subsets)
-        softmaxes = [
+        kept = [  # per group: its softmax, if kept
             stacked.new_empty(batch, stacked.shape[1] if op == "original" else num_subsets, c, h, w) if keep else None
             for op, keep in zip(plan.groups, plan.keep)
         ]
@@ -100,16 +111,14 @@ class _LoMixStats(torch.autograd.Function):
             x, target = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
             stats = []
             for g, (op, keep) in enumerate(zip(plan.groups, plan.keep)):
-                fused, aux = _fuse(
-                    op, x, plan.subsets, params, g, products[start:end] if keep and op == "mul" else None
-                )
-                out = softmaxes[g][start:end] if keep else _workspace("softmax", fused)
+                into = products[start:end] if keep and op == "mul" else None
+                fused, aux = _fuse(op, x, plan.subsets, params, g, into)
+                out = kept[g][start:end] if keep else _workspace("softmax", fused)
                 stats.append(ce_dice_forward(fused, *target, out=out)[1])
                 if keep and op == "awf":
                     attention.append(aux)
             chunk_stats.append(torch.cat(stats))
-        ctx.plan, ctx.num_params = plan, len(params)
-        ctx.save_for_backward(stacked, products, *params, *softmaxes, *attention)
+        ctx.save_for_backward(stacked, products, *params, *kept, *attention)
         return torch.stack(chunk_stats).sum(dim=0)
 
     @staticmethod
@@ -117,7 +126,9 @@ class _LoMixStats(torch.autograd.Function):
     def backward(ctx, grad):  # noqa: D102
         plan, (stacked, products, *rest) = ctx.plan, ctx.saved_tensors
         params, rest = rest[: ctx.num_params], rest[ctx.num_params :]
-        softmaxes, attention = rest[: len(plan.groups)], rest[len(plan.groups) :]
+        if plan.native:
+            return None, *_native_backward(plan, grad, stacked, params)
+        kept, attention = rest[: len(plan.groups)], rest[len(plan.groups) :]
         grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
         grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
         with torch.autocast(device_type=stacked.device.type, enabled=False):
@@ -126,31 +137,112 @@ class _LoMixStats(torch.autograd.Function):
                 x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
                 grad_x, row = grad_stacked[start:end], 0
                 for g, (op, keep) in enumerate(zip(plan.groups, plan.keep)):
-                    if keep:
-                        fused = products[start:end] if op == "mul" else x if op == "original" else None
-                        aux = attention[c] if op == "awf" else None
-                        p = softmaxes[g][start:end]
+                    aux = attention[c] if keep and op == "awf" else None
+                    if op == "original":
+                        fused = x
+                    elif keep:
+                        fused = products[start:end] if op == "mul" else None
                     else:
                         fused, aux = _fuse(op, x, plan.subsets, params, g)
-                        p = softmax(fused, out=_workspace("softmax", fused))
-                    rows = grad[row : row + p.shape[1]]
-                    row += p.shape[1]
+                    rows = grad[row : row + x.shape[1] if op == "original" else row + len(plan.subsets.subsets)]
+                    row += rows.shape[0]
+                    out = (
+                        grad_x if op == "original" else _workspace("grad", x, (x.shape[0], rows.shape[0], *x.shape[2:]))
+                    )
+                    p = kept[g][start:end] if keep else softmax(fused, out=_workspace("softmax", fused))
+                    ce_dice_backward(p, rows, target, valid, out=out)
                     if op == "original":
-                        ce_dice_backward(p, rows, target, valid, out=grad_x)
                         continue
-                    grad_fused = ce_dice_backward(p, rows, target, valid, out=_workspace("grad", p))
                     fuse_backward(
                         op,
                         x,
                         fused,
                         aux,
-                        grad_fused,
+                        out,
                         grad_x,
                         plan.subsets,
                         params[2 * g - 2],
                         grad_params[2 * g - 2 : 2 * g],
                     )
         return None, grad_stacked, *grad_params
+
+
+def _native_forward(plan: _EnginePlan, stacked: Tensor, params: Sequence[Tensor | None]) -> Tensor:
+    """The statistics through the compiled kernels: ``cat``/``awf`` scores by matrix product, the rest per pixel."""
+    batch, num_maps, c, h, w = stacked.shape
+    layout, identity = subset_layout(plan.subsets.subsets), _identity_layouts(num_maps, len(plan.subsets.subsets))
+    chunk_stats = []
+    for start in range(0, batch, plan.chunk):
+        x, (target, valid, _) = stacked[start : start + plan.chunk], _target_chunk(plan.prepared, start, plan.chunk)
+        stats = []
+        for g, op in enumerate(plan.groups):
+            if op == "original":
+                stats.append(group_stats("identity", x, target, valid, identity[0]))
+            elif op == "cat":
+                logits = _cat_logits(x, params[2 * g - 2], params[2 * g - 1], len(plan.subsets.subsets))
+                stats.append(group_stats("identity", logits, target, valid, identity[1]))
+            else:
+                scores = _awf_scores(x, params[2 * g - 2], params[2 * g - 1]) if op == "awf" else None
+                stats.append(group_stats(op, x, target, valid, layout, scores))
+        chunk_stats.append(torch.cat(stats))
+    return torch.stack(chunk_stats).sum(dim=0)
+
+
+def _native_backward(
+    plan: _EnginePlan, grad: Tensor, stacked: Tensor, params: Sequence[Tensor | None]
+) -> tuple[Tensor, ...]:
+    """Gradients of :func:`_native_forward`: ``(grad stacked, *grad params)``; every fusion is recomputed."""
+    batch, num_maps, c, h, w = stacked.shape
+    num_subsets = len(plan.subsets.subsets)
+    layout, identity = subset_layout(plan.subsets.subsets), _identity_layouts(num_maps, num_subsets)
+    grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
+    grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
+    with torch.autocast(device_type=stacked.device.type, enabled=False):
+        for start in range(0, batch, plan.chunk):
+            end = start + plan.chunk
+            x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
+            grad_x, row = grad_stacked[start:end], 0
+            for g, op in enumerate(plan.groups):
+                rows = grad[row : row + (num_maps if op == "original" else num_subsets)]
+                row += rows.shape[0]
+                if op == "original":
+                    group_grad("identity", x, rows, target, valid, identity[0], grad_x, overwrite=True)
+                elif op in ("add", "mul"):
+                    group_grad(op, x, rows, target, valid, layout, grad_x)
+                elif op == "cat":
+                    weight, bias = params[2 * g - 2], params[2 * g - 1]
+                    logits = _cat_logits(x, weight, bias, num_subsets)
+                    grad_logits = _workspace("grad", logits)
+                    group_grad("identity", logits, rows, target, valid, identity[1], grad_logits, overwrite=True)
+                    linear_backward(
+                        x, weight, grad_logits.view(x.shape[0], -1, h * w), grad_x, grad_params[2 * g - 2 : 2 * g]
+                    )
+                else:
+                    weight, bias = params[2 * g - 2], params[2 * g - 1]
+                    scores = _awf_scores(x, weight, bias)
+                    grad_scores = _workspace("grad_scores", scores)
+                    group_grad("awf", x, rows, target, valid, layout, grad_x, scores, grad_scores)
+                    linear_backward(x, weight, grad_scores, grad_x, grad_params[2 * g - 2 : 2 * g])
+    return grad_stacked, *grad_params
+
+
+def _identity_layouts(num_maps: int, num_subsets: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+    """One-member layouts scoring the ``L`` original maps and the ``K`` ``cat`` maps themselves."""
+    return subset_layout([(i,) for i in range(num_maps)]), subset_layout([(k,) for k in range(num_subsets)])
+
+
+def _cat_logits(x: Tensor, weight: Tensor, bias: Tensor, num_subsets: int) -> Tensor:
+    """``(b, K, C, H, W)`` cat mutants in a workspace."""
+    b, _, c, h, w = x.shape
+    logits = _workspace("fused", x, (b, num_subsets, c, h, w))
+    linear_scores(x, weight, bias, out=logits.view(b, num_subsets * c, h * w))
+    return logits
+
+
+def _awf_scores(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``(b, sum |S|, H*W)`` awf scores (before the softmax over members) in a workspace."""
+    b, _, _, h, w = x.shape
+    return linear_scores(x, weight, bias, out=_workspace("scores", x, (b, weight.shape[0], h * w)))
 
 
 def _fuse(

@@ -77,14 +77,10 @@ def fuse_forward(
             head = xs[:, s[0]] if plan.prefix[k] < 0 else outs[:, plan.prefix[k]]
             combine(head, xs[:, s[-1]], out=outs[:, k])
         return None
-    flat = x.view(b, num_maps * c, h * w)  # (b, L*C, HW)
     if op == "cat":
-        rows = out.shape[1] * c
-        torch.baddbmm(
-            bias.view(1, rows, 1).expand(b, rows, h * w), weight.expand(b, -1, -1), flat, out=outs.view(b, rows, h * w)
-        )
+        linear_scores(x, weight, bias, out=outs.view(b, -1, h * w))
         return None
-    attention = torch.baddbmm(bias.view(1, -1, 1), weight.expand(b, -1, -1), flat)  # (b, sum |S|, HW) scores
+    attention = linear_scores(x, weight, bias)  # (b, sum |S|, HW) scores
     for row, count, size in plan.sizes:  # softmax over the members of each subset
         scores = attention[:, row : row + count * size].view(b, count, size, h * w)
         scores.copy_(scores.softmax(dim=2))
@@ -133,7 +129,6 @@ def fuse_backward(
             gx[:, s[-1]].addcmul_(gs[:, k], head)
             (gx[:, s[0]] if pre < 0 else gs[:, pre]).addcmul_(gs[:, k], xs[:, s[-1]])
         return
-    flat, grad_flat = x.view(b, num_maps * c, h * w), grad_x.view(b, num_maps * c, h * w)
     if op == "cat":
         scores_grad = grad.view(b, -1, h * w)  # (b, K*C, HW)
     else:
@@ -149,6 +144,35 @@ def fuse_backward(
             a = attention[:, row : row + count * size].view(b, count, size, h * w)
             da = d_attention[:, row : row + count * size].view(b, count, size, h * w)
             scores_grad[:, row : row + count * size] = (a * (da - (a * da).sum(dim=2, keepdim=True))).flatten(1, 2)
+    linear_backward(x, weight, scores_grad, grad_x, grad_params)
+
+
+def linear_scores(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
+    """The block-sparse 1x1 convolution of ``cat``/``awf``: ``(b, rows, H*W) = weight @ x + bias``, no autograd.
+
+    Args:
+        x: ``(b, L, C, H, W)`` maps, read as their ``(b, L*C, H*W)`` concatenation.
+        weight: ``(rows, L*C)``.
+        bias: ``(rows,)``.
+        out: Where to write the result.
+    """
+    b, num_maps, c, h, w = x.shape
+    flat = x.view(b, num_maps * c, h * w)  # (b, L*C, HW)
+    rows = weight.shape[0]
+    if out is None:
+        return torch.baddbmm(bias.view(1, rows, 1), weight.expand(b, -1, -1), flat)
+    return torch.baddbmm(bias.view(1, rows, 1).expand(b, rows, h * w), weight.expand(b, -1, -1), flat, out=out)
+
+
+def linear_backward(
+    x: Tensor, weight: Tensor, scores_grad: Tensor, grad_x: Tensor, grad_params: list[Tensor] | None
+) -> None:
+    """Backward of :func:`linear_scores` for ``scores_grad`` ``(b, rows, H*W)``, accumulated in place.
+
+    ``grad_x`` is ``(b, L, C, H, W)``; ``grad_params`` is ``[grad weight, grad bias]`` (skipped if ``None``).
+    """
+    b, num_maps, c, h, w = x.shape
+    flat, grad_flat = x.view(b, num_maps * c, h * w), grad_x.view(b, num_maps * c, h * w)
     grad_flat.baddbmm_(weight.t().expand(b, -1, -1), scores_grad)
     if grad_params is not None and grad_params[0] is not None:
         grad_params[0] += torch.bmm(scores_grad, flat.transpose(1, 2)).sum(dim=0)

@@ -1,0 +1,331 @@
+/* Fused softmax + CE + Dice statistics and their gradient for many logit maps (CPU, float32).
+ *
+ * The CPU kernels of lomix_lightning/losses/ce_dice.py (ce_dice_forward / ce_dice_backward): one pass over each
+ * map's logits instead of a dozen tensor operations. Plain C99, no Python or torch headers: compiled on first use
+ * by lomix_lightning/native/__init__.py and loaded with ctypes. Loops over pixels are written branch-free so the
+ * compiler vectorises them (exp and log are Cephes-style polynomials, within 2 ulp of libm).
+ *
+ * Layout: logits (R, C, N) row-major, R = b * K rows (image i = r / K, map k = r % K), N pixels per image;
+ * target (b, N) int64 class indices; valid (b, N) float mask or NULL.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#define BLOCK 256
+#define MAX_CLASSES 32
+#define MAX_MEMBERS 16
+
+static inline float exp_poly(float x) {
+    /* exp(x) for x <= 0 (a softmax argument); below -87.3 the result is clamped to about 1e-38. */
+    x = x < -87.3f ? -87.3f : x;
+    float n = floorf(x * 1.44269504088896341f + 0.5f);
+    float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float y = 1.9875691500e-4f;
+    y = y * r + 1.3981999507e-3f;
+    y = y * r + 8.3334519073e-3f;
+    y = y * r + 4.1665795894e-2f;
+    y = y * r + 1.6666665459e-1f;
+    y = y * r + 5.0000001201e-1f;
+    y = y * r * r + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, sizeof scale);
+    return y * scale;
+}
+
+static inline float log_poly(float x) {
+    /* log(x) for a normal x > 0 (here the softmax denominator, in [1, C]). */
+    int32_t ix;
+    memcpy(&ix, &x, sizeof ix);
+    int32_t e = ((ix >> 23) & 0xff) - 126;
+    ix = (ix & 0x007fffff) | 0x3f000000;
+    float m;
+    memcpy(&m, &ix, sizeof m);
+    int32_t small = m < 0.707106781186547524f;
+    e -= small;
+    m = m + (small ? m : 0.0f) - 1.0f;
+    float z = m * m;
+    float y = 7.0376836292e-2f;
+    y = y * m - 1.1514610310e-1f;
+    y = y * m + 1.1676998740e-1f;
+    y = y * m - 1.2420140846e-1f;
+    y = y * m + 1.4249322787e-1f;
+    y = y * m - 1.6668057665e-1f;
+    y = y * m + 2.0000714765e-1f;
+    y = y * m - 2.4999993993e-1f;
+    y = y * m + 3.3333331174e-1f;
+    y = y * m * z;
+    float fe = (float)e;
+    y += -2.12194440e-4f * fe;
+    y += -0.5f * z;
+    return m + y + 0.693359375f * fe;
+}
+
+/* Softmax of one block: p[c][j] (stride BLOCK) from z (class stride `stride`), and per pixel m + log(sum exp). */
+static void softmax_block(const float *z, int64_t stride, int64_t c_count, int64_t width, float *p, float *lse) {
+    float m[BLOCK], s[BLOCK];
+    for (int64_t j = 0; j < width; ++j) m[j] = z[j];
+    for (int64_t c = 1; c < c_count; ++c) {
+        const float *zc = z + c * stride;
+        for (int64_t j = 0; j < width; ++j) m[j] = zc[j] > m[j] ? zc[j] : m[j];
+    }
+    for (int64_t j = 0; j < width; ++j) s[j] = 0.0f;
+    for (int64_t c = 0; c < c_count; ++c) {
+        const float *zc = z + c * stride;
+        float *pc = p + c * BLOCK;
+        for (int64_t j = 0; j < width; ++j) {
+            float e = exp_poly(zc[j] - m[j]);
+            pc[j] = e;
+            s[j] += e;
+        }
+    }
+    for (int64_t j = 0; j < width; ++j) {
+        lse[j] = m[j] + log_poly(s[j]);
+        s[j] = 1.0f / s[j];
+    }
+    for (int64_t c = 0; c < c_count; ++c) {
+        float *pc = p + c * BLOCK;
+        for (int64_t j = 0; j < width; ++j) pc[j] *= s[j];
+    }
+}
+
+enum { OP_IDENTITY = 0, OP_ADD = 1, OP_MUL = 2, OP_AWF = 3 };
+
+/* One operator group: K maps made of subsets of the L source maps of each image. */
+typedef struct {
+    int32_t op;
+    const float *src;       /* (b, L, C, N): the maps the group is made of (the network's maps, or cat's logits) */
+    const float *scores;    /* (b, R, N) awf scores before the softmax over members (OP_AWF only) */
+    const int64_t *target;  /* (b, N) class indices */
+    const float *valid;     /* (b, N) mask, or NULL */
+    const int32_t *members; /* subset k = members[offsets[k] .. offsets[k + 1]) (awf score rows are the same range) */
+    const int32_t *offsets;
+    int64_t num_src, num_subsets, c_count, n, num_scores, tile, tiles_per_image;
+} Group;
+
+/* The fused logits f[c][j] (stride BLOCK) of subset k on pixels j0 .. j0 + width of one image; att: awf weights. */
+static void fuse_block(const Group *g, int64_t image, int64_t k, int64_t j0, int64_t width, float *f, float *att) {
+    const int32_t *mem = g->members + g->offsets[k];
+    const int32_t size = g->offsets[k + 1] - g->offsets[k];
+    const int64_t c_count = g->c_count, n = g->n;
+    const float *x = g->src + image * g->num_src * c_count * n + j0;
+    if (g->op == OP_AWF) { /* softmax of the members' scores */
+        const float *s = g->scores + (image * g->num_scores + g->offsets[k]) * n + j0;
+        float m[BLOCK], total[BLOCK];
+        for (int64_t j = 0; j < width; ++j) m[j] = s[j];
+        for (int32_t i = 1; i < size; ++i) {
+            const float *si = s + i * n;
+            for (int64_t j = 0; j < width; ++j) m[j] = si[j] > m[j] ? si[j] : m[j];
+        }
+        for (int64_t j = 0; j < width; ++j) total[j] = 0.0f;
+        for (int32_t i = 0; i < size; ++i) {
+            const float *si = s + i * n;
+            float *ai = att + i * BLOCK;
+            for (int64_t j = 0; j < width; ++j) {
+                ai[j] = exp_poly(si[j] - m[j]);
+                total[j] += ai[j];
+            }
+        }
+        for (int64_t j = 0; j < width; ++j) total[j] = 1.0f / total[j];
+        for (int32_t i = 0; i < size; ++i) {
+            float *ai = att + i * BLOCK;
+            for (int64_t j = 0; j < width; ++j) ai[j] *= total[j];
+        }
+    }
+    for (int64_t c = 0; c < c_count; ++c) {
+        float *fc = f + c * BLOCK;
+        const float *x0 = x + (mem[0] * c_count + c) * n;
+        if (g->op == OP_AWF) {
+            for (int64_t j = 0; j < width; ++j) fc[j] = att[j] * x0[j];
+        } else {
+            memcpy(fc, x0, width * sizeof(float));
+        }
+        for (int32_t i = 1; i < size; ++i) {
+            const float *xi = x + (mem[i] * c_count + c) * n;
+            const float *ai = att + i * BLOCK;
+            if (g->op == OP_ADD) {
+                for (int64_t j = 0; j < width; ++j) fc[j] += xi[j];
+            } else if (g->op == OP_MUL) {
+                for (int64_t j = 0; j < width; ++j) fc[j] *= xi[j];
+            } else {
+                for (int64_t j = 0; j < width; ++j) fc[j] += ai[j] * xi[j];
+            }
+        }
+    }
+}
+
+static void load_target(const Group *g, int64_t image, int64_t j0, int64_t width, int32_t *t, float *v) {
+    const int64_t *tr = g->target + image * g->n + j0;
+    const float *vr = g->valid ? g->valid + image * g->n + j0 : NULL;
+    for (int64_t j = 0; j < width; ++j) {
+        t[j] = (int32_t)tr[j];
+        v[j] = vr ? vr[j] : 1.0f;
+    }
+}
+
+/* CE + Dice statistics of every subset of the group on tiles [tile0, tile1): stats (tiles, K, 1 + 2C) double,
+ * per subset [sum -log p_t, I_1..I_C, Q_1..Q_C]. Sums run per pixel lane (vectorisable) and are reduced in double
+ * per tile, so the result does not depend on how tiles are shared among threads. A non-finite logit makes the CE
+ * sum NaN, as the tensor implementation would (0 * inf is NaN). */
+static void group_forward(const Group *g, double *stats, int64_t tile0, int64_t tile1) {
+    const int64_t c_count = g->c_count, width_stats = 1 + 2 * c_count;
+    float f[MAX_CLASSES * BLOCK], p[MAX_CLASSES * BLOCK], att[MAX_MEMBERS * BLOCK], lse[BLOCK], v[BLOCK];
+    float acc_i[MAX_CLASSES * BLOCK], acc_q[MAX_CLASSES * BLOCK], acc_ce[BLOCK];
+    int32_t t[BLOCK];
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+        const int64_t image = tile / g->tiles_per_image;
+        const int64_t start = (tile % g->tiles_per_image) * g->tile;
+        const int64_t stop = start + g->tile < g->n ? start + g->tile : g->n;
+        for (int64_t k = 0; k < g->num_subsets; ++k) {
+            memset(acc_i, 0, sizeof(float) * c_count * BLOCK);
+            memset(acc_q, 0, sizeof(float) * c_count * BLOCK);
+            memset(acc_ce, 0, sizeof acc_ce);
+            for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
+                const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
+                fuse_block(g, image, k, j0, width, f, att);
+                softmax_block(f, BLOCK, c_count, width, p, lse);
+                load_target(g, image, j0, width, t, v);
+                for (int64_t j = 0; j < width; ++j) acc_ce[j] += v[j] * lse[j];
+                for (int64_t c = 0; c < c_count; ++c) {
+                    const float *fc = f + c * BLOCK, *pc = p + c * BLOCK;
+                    float *ai = acc_i + c * BLOCK, *aq = acc_q + c * BLOCK;
+                    for (int64_t j = 0; j < width; ++j) {
+                        float hit = t[j] == (int32_t)c ? v[j] : 0.0f;
+                        ai[j] += hit * pc[j];
+                        aq[j] += v[j] * pc[j] * pc[j];
+                        acc_ce[j] -= hit * fc[j];
+                    }
+                }
+            }
+            double *out = stats + (tile * g->num_subsets + k) * width_stats;
+            double ce = 0.0;
+            for (int64_t j = 0; j < BLOCK; ++j) ce += acc_ce[j];
+            out[0] = ce;
+            for (int64_t c = 0; c < c_count; ++c) {
+                double inter = 0.0, squares = 0.0;
+                for (int64_t j = 0; j < BLOCK; ++j) {
+                    inter += acc_i[c * BLOCK + j];
+                    squares += acc_q[c * BLOCK + j];
+                }
+                out[1 + c] = inter;
+                out[1 + c_count + c] = squares;
+            }
+        }
+    }
+}
+
+/* Backward of group_forward on tiles [tile0, tile1) for the statistics' gradient grad (K, 1 + 2C) float:
+ * grad_src (b, L, C, N) += dL/dsrc (OP_IDENTITY with overwrite != 0: written instead), and for OP_AWF
+ * grad_scores (b, R, N) = dL/dscores. Per map dL/dz_c = b_c p_c^2 + p_c (g - a_t p_t - sum_k b_k p_k^2)
+ * + y_c (a_t p_t - g) with a = dL/dI, b = 2 dL/dQ, g = dL/d(sum -log p_t); then the fusion's own backward. */
+static void group_backward(const Group *g, const float *grad, float *grad_src, float *grad_scores, int32_t overwrite,
+                           int64_t tile0, int64_t tile1) {
+    const int64_t c_count = g->c_count, n = g->n;
+    float f[MAX_CLASSES * BLOCK], p[MAX_CLASSES * BLOCK], att[MAX_MEMBERS * BLOCK], lse[BLOCK], v[BLOCK];
+    float apt[BLOCK], shift[BLOCK], tmp[BLOCK], da[MAX_MEMBERS * BLOCK];
+    int32_t t[BLOCK];
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+        const int64_t image = tile / g->tiles_per_image;
+        const int64_t start = (tile % g->tiles_per_image) * g->tile;
+        const int64_t stop = start + g->tile < n ? start + g->tile : n;
+        const float *x = g->src + image * g->num_src * c_count * n;
+        float *gx = grad_src + image * g->num_src * c_count * n;
+        for (int64_t k = 0; k < g->num_subsets; ++k) {
+            const float *gk = grad + k * (1 + 2 * c_count);
+            const float g_ce = gk[0], *a = gk + 1, *b_half = gk + 1 + c_count;
+            const int32_t *mem = g->members + g->offsets[k];
+            const int32_t size = g->offsets[k + 1] - g->offsets[k];
+            for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
+                const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
+                fuse_block(g, image, k, j0, width, f, att);
+                softmax_block(f, BLOCK, c_count, width, p, lse);
+                load_target(g, image, j0, width, t, v);
+                for (int64_t j = 0; j < width; ++j) apt[j] = shift[j] = 0.0f;
+                for (int64_t c = 0; c < c_count; ++c) {
+                    const float *pc = p + c * BLOCK;
+                    const float ac = a[c], bc = 2.0f * b_half[c];
+                    for (int64_t j = 0; j < width; ++j) {
+                        apt[j] += t[j] == (int32_t)c ? ac * pc[j] : 0.0f;
+                        shift[j] += bc * pc[j] * pc[j];
+                    }
+                }
+                for (int64_t j = 0; j < width; ++j) shift[j] = g_ce - apt[j] - shift[j];
+                for (int64_t c = 0; c < c_count; ++c) { /* f := dL/df, in place */
+                    const float *pc = p + c * BLOCK;
+                    float *fc = f + c * BLOCK;
+                    const float bc = 2.0f * b_half[c];
+                    for (int64_t j = 0; j < width; ++j) {
+                        float hit = t[j] == (int32_t)c ? apt[j] - g_ce : 0.0f;
+                        fc[j] = v[j] * (pc[j] * (bc * pc[j] + shift[j]) + hit);
+                    }
+                }
+                if (g->op == OP_AWF)
+                    for (int64_t j = 0; j < size * BLOCK; ++j) da[j] = 0.0f;
+                for (int64_t c = 0; c < c_count; ++c) {
+                    const float *fc = f + c * BLOCK;
+                    for (int32_t i = 0; i < size; ++i) {
+                        float *gxi = gx + (mem[i] * c_count + c) * n + j0;
+                        const float *xi = x + (mem[i] * c_count + c) * n + j0;
+                        if (g->op == OP_IDENTITY && overwrite) {
+                            memcpy(gxi, fc, width * sizeof(float));
+                        } else if (g->op == OP_IDENTITY || g->op == OP_ADD) {
+                            for (int64_t j = 0; j < width; ++j) gxi[j] += fc[j];
+                        } else if (g->op == OP_MUL) { /* the product of the other members */
+                            for (int64_t j = 0; j < width; ++j) tmp[j] = fc[j];
+                            for (int32_t o = 0; o < size; ++o) {
+                                if (o == i) continue;
+                                const float *xo = x + (mem[o] * c_count + c) * n + j0;
+                                for (int64_t j = 0; j < width; ++j) tmp[j] *= xo[j];
+                            }
+                            for (int64_t j = 0; j < width; ++j) gxi[j] += tmp[j];
+                        } else {
+                            const float *ai = att + i * BLOCK;
+                            float *dai = da + i * BLOCK;
+                            for (int64_t j = 0; j < width; ++j) {
+                                gxi[j] += fc[j] * ai[j];
+                                dai[j] += fc[j] * xi[j];
+                            }
+                        }
+                    }
+                }
+                if (g->op == OP_AWF) { /* softmax backward over the members: ds_i = a_i (da_i - sum_m a_m da_m) */
+                    for (int64_t j = 0; j < width; ++j) tmp[j] = 0.0f;
+                    for (int32_t i = 0; i < size; ++i)
+                        for (int64_t j = 0; j < width; ++j) tmp[j] += att[i * BLOCK + j] * da[i * BLOCK + j];
+                    float *gs = grad_scores + (image * g->num_scores + g->offsets[k]) * n + j0;
+                    for (int32_t i = 0; i < size; ++i)
+                        for (int64_t j = 0; j < width; ++j)
+                            gs[i * n + j] = att[i * BLOCK + j] * (da[i * BLOCK + j] - tmp[j]);
+                }
+            }
+        }
+    }
+}
+
+static Group make_group(int32_t op, const float *src, const float *scores, const int64_t *target, const float *valid,
+                        const int32_t *members, const int32_t *offsets, int64_t num_src, int64_t num_subsets,
+                        int64_t num_scores, int64_t c_count, int64_t n, int64_t tile) {
+    Group g = {op, src, scores, target, valid, members, offsets, num_src, num_subsets, c_count, n, num_scores, tile,
+               (n + tile - 1) / tile};
+    return g;
+}
+
+/* Exported entry points (ctypes): statistics and gradient of one operator group on tiles [tile0, tile1). */
+void lomix_group_forward(int32_t op, const float *src, const float *scores, const int64_t *target, const float *valid,
+                         const int32_t *members, const int32_t *offsets, int64_t num_src, int64_t num_subsets,
+                         int64_t num_scores, int64_t c_count, int64_t n, int64_t tile, double *stats, int64_t tile0,
+                         int64_t tile1) {
+    Group g = make_group(op, src, scores, target, valid, members, offsets, num_src, num_subsets, num_scores, c_count,
+                         n, tile);
+    group_forward(&g, stats, tile0, tile1);
+}
+
+void lomix_group_backward(int32_t op, const float *src, const float *scores, const int64_t *target, const float *valid,
+                          const int32_t *members, const int32_t *offsets, int64_t num_src, int64_t num_subsets,
+                          int64_t num_scores, int64_t c_count, int64_t n, int64_t tile, const float *grad,
+                          float *grad_src, float *grad_scores, int32_t overwrite, int64_t tile0, int64_t tile1) {
+    Group g = make_group(op, src, scores, target, valid, members, offsets, num_src, num_subsets, num_scores, c_count,
+                         n, tile);
+    group_backward(&g, grad, grad_src, grad_scores, overwrite, tile0, tile1);
+}
