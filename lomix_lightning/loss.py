@@ -256,8 +256,7 @@ class LoMixLoss(nn.Module):
     def _ce_dice_maps(self, stacked: Tensor, operators: Sequence[str], target: Tensor) -> Tensor:
         """``(M,)`` CE + Dice of every map through the fused engine."""
         prepared = ce_dice_target(target, self.num_classes, stacked.dtype, self.ignore_index)
-        params = [p for op in operators for p in self.mutation.dense_parameters(op, stacked.dtype)]
-        stats = lomix_ce_dice_stats(stacked, operators, self.mutation.plan, prepared, params, self.memory_efficient)
+        stats = lomix_ce_dice_stats(stacked, operators, self.mutation, prepared, self.memory_efficient)
         return ce_dice_from_stats(stats, prepared, self.ce_weight, self.dice_weight)
 
     def _group_loss(self, op: str, stacked: Tensor, target: Tensor) -> Tensor:

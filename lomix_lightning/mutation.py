@@ -139,6 +139,19 @@ class CombinatorialMutation(nn.Module):
         bias = torch.cat([conv.bias for conv in convs.values()]).to(dtype)
         return weight.view(rows, num_in), bias
 
+    def packed_parameters(self, op: str, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
+        """The ``cat``/``awf`` convolutions as one flat weight and one flat bias (differentiable).
+
+        Each subset's ``(rows, |S|*C, 1, 1)`` weight is flattened, in subset order: the layout of
+        :func:`lomix_lightning.native.subset_layout` that the compiled kernels read. ``(None, None)`` for ``add``
+        and ``mul``.
+        """
+        if op not in ("cat", "awf"):
+            return None, None
+        convs = self.cat if op == "cat" else self.awf
+        weight = torch.cat([conv.weight.reshape(-1) for conv in convs.values()]).to(dtype)
+        return weight, torch.cat([conv.bias for conv in convs.values()]).to(dtype)
+
     def validate(self, outputs: Sequence[Tensor]) -> None:
         """Check the network outputs: count, tensor type, 4-D, same batch size, ``num_classes`` channels.
 

@@ -17,16 +17,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lomix_lightning.losses.ce_dice import CEDiceTarget, ce_dice_backward, ce_dice_forward, softmax
-from lomix_lightning.native import group_grad, group_stats, subset_layout, usable
-from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward, linear_backward, linear_scores
+from lomix_lightning.mutation import CombinatorialMutation
+from lomix_lightning.native import GroupLayout, group_grad, group_stats, identity_layout, subset_layout, usable
+from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward
 
 
 def lomix_ce_dice_stats(
     stacked: Tensor,
     operators: Sequence[str],
-    subsets: SubsetPlan,
+    mutation: CombinatorialMutation,
     prepared: CEDiceTarget,
-    params: Sequence[Tensor | None],
     memory_efficient: bool = False,
 ) -> Tensor:
     """CE + Dice statistics of the original maps and of every operator's mutants, differentiable.
@@ -34,10 +34,8 @@ def lomix_ce_dice_stats(
     Args:
         stacked: ``(B, L, C, H, W)`` the original maps.
         operators: Operators whose mutants to score, in map order (may be empty).
-        subsets: The subset plan of ``L`` maps.
+        mutation: The module holding the subsets and the ``cat``/``awf`` convolutions.
         prepared: The target, from :func:`~lomix_lightning.losses.ce_dice.ce_dice_target`.
-        params: Per operator ``(weight, bias)`` from
-            :meth:`~lomix_lightning.CombinatorialMutation.dense_parameters`, flattened.
         memory_efficient: Keep only ``stacked`` for backward and recompute everything there, one image at a time.
 
     Returns:
@@ -48,15 +46,23 @@ def lomix_ce_dice_stats(
         >>> from lomix_lightning.losses.ce_dice import ce_dice_stats, ce_dice_target
         >>> x = torch.randn(2, 2, 3, 4, 4)  # (B, L, C, H, W)
         >>> prepared = ce_dice_target(torch.randint(0, 3, (2, 4, 4)), 3, torch.float32)
-        >>> stats = lomix_ce_dice_stats(x, ["mul"], SubsetPlan.build(2), prepared, [None, None])
+        >>> stats = lomix_ce_dice_stats(x, ["mul"], CombinatorialMutation(2, 3, ["mul"]), prepared)
         >>> torch.allclose(stats[2], ce_dice_stats(x.prod(1, keepdim=True), prepared)[0], atol=1e-5)
         True
     """
     groups = ("original", *operators)
     native = usable(stacked)
     keep = tuple(not memory_efficient and not native and op in _KEPT for op in groups)
-    chunk = _chunk_size(stacked, len(subsets.subsets), memory_efficient)
-    plan = _EnginePlan(groups, subsets, prepared, chunk, keep, native)
+    chunk = _chunk_size(stacked, len(mutation.subsets), memory_efficient)
+    if native:
+        c = stacked.shape[2]
+        layouts = {op: subset_layout(mutation.subsets, c, op if op in ("cat", "awf") else "none") for op in groups}
+        layouts["original"] = identity_layout(stacked.shape[1])
+        params = [p for op in operators for p in mutation.packed_parameters(op, stacked.dtype)]
+    else:
+        layouts = None
+        params = [p for op in operators for p in mutation.dense_parameters(op, stacked.dtype)]
+    plan = _EnginePlan(groups, mutation.plan, prepared, chunk, keep, layouts)
     return _LoMixStats.apply(plan, stacked.contiguous(), *params)
 
 
@@ -71,7 +77,8 @@ _KEPT = ("original", "cat")
 class _EnginePlan:
     """What :class:`_LoMixStats` computes: operator groups (``"original"`` first), target, chunking, kept groups.
 
-    ``native``: the compiled CPU kernels (:mod:`lomix_lightning.native`) fuse and score the maps.
+    ``native``: per group, the layout of the compiled CPU kernels (:mod:`lomix_lightning.native`), which then fuse
+    and score the maps (with the packed ``cat``/``awf`` parameters); ``None``: tensor operations.
     """
 
     groups: tuple[str, ...]
@@ -79,7 +86,7 @@ class _EnginePlan:
     prepared: CEDiceTarget
     chunk: int
     keep: tuple[bool, ...]
-    native: bool = False
+    native: dict[str, GroupLayout] | None = None
 
 
 class _LoMixStats(torch.autograd.Function):
@@ -168,81 +175,45 @@ class _LoMixStats(torch.autograd.Function):
 
 
 def _native_forward(plan: _EnginePlan, stacked: Tensor, params: Sequence[Tensor | None]) -> Tensor:
-    """The statistics through the compiled kernels: ``cat``/``awf`` scores by matrix product, the rest per pixel."""
-    batch, num_maps, c, h, w = stacked.shape
-    layout, identity = subset_layout(plan.subsets.subsets), _identity_layouts(num_maps, len(plan.subsets.subsets))
+    """The statistics through the compiled kernels, one call per operator group and chunk of images."""
     chunk_stats = []
-    for start in range(0, batch, plan.chunk):
+    for start in range(0, stacked.shape[0], plan.chunk):
         x, (target, valid, _) = stacked[start : start + plan.chunk], _target_chunk(plan.prepared, start, plan.chunk)
         stats = []
         for g, op in enumerate(plan.groups):
-            if op == "original":
-                stats.append(group_stats("identity", x, target, valid, identity[0]))
-            elif op == "cat":
-                logits = _cat_logits(x, params[2 * g - 2], params[2 * g - 1], len(plan.subsets.subsets))
-                stats.append(group_stats("identity", logits, target, valid, identity[1]))
-            else:
-                scores = _awf_scores(x, params[2 * g - 2], params[2 * g - 1]) if op == "awf" else None
-                stats.append(group_stats(op, x, target, valid, layout, scores))
+            weight, bias = (None, None) if op == "original" else params[2 * g - 2 : 2 * g]
+            stats.append(group_stats(_KERNEL_OP.get(op, op), x, target, valid, plan.native[op], weight, bias))
         chunk_stats.append(torch.cat(stats))
     return torch.stack(chunk_stats).sum(dim=0)
 
 
 def _native_backward(
     plan: _EnginePlan, grad: Tensor, stacked: Tensor, params: Sequence[Tensor | None]
-) -> tuple[Tensor, ...]:
+) -> tuple[Tensor | None, ...]:
     """Gradients of :func:`_native_forward`: ``(grad stacked, *grad params)``; every fusion is recomputed."""
-    batch, num_maps, c, h, w = stacked.shape
-    num_subsets = len(plan.subsets.subsets)
-    layout, identity = subset_layout(plan.subsets.subsets), _identity_layouts(num_maps, num_subsets)
     grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
     grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
-    with torch.autocast(device_type=stacked.device.type, enabled=False):
-        for start in range(0, batch, plan.chunk):
-            end = start + plan.chunk
-            x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
-            grad_x, row = grad_stacked[start:end], 0
-            for g, op in enumerate(plan.groups):
-                rows = grad[row : row + (num_maps if op == "original" else num_subsets)]
-                row += rows.shape[0]
-                if op == "original":
-                    group_grad("identity", x, rows, target, valid, identity[0], grad_x, overwrite=True)
-                elif op in ("add", "mul"):
-                    group_grad(op, x, rows, target, valid, layout, grad_x)
-                elif op == "cat":
-                    weight, bias = params[2 * g - 2], params[2 * g - 1]
-                    logits = _cat_logits(x, weight, bias, num_subsets)
-                    grad_logits = _workspace("grad", logits)
-                    group_grad("identity", logits, rows, target, valid, identity[1], grad_logits, overwrite=True)
-                    linear_backward(
-                        x, weight, grad_logits.view(x.shape[0], -1, h * w), grad_x, grad_params[2 * g - 2 : 2 * g]
-                    )
-                else:
-                    weight, bias = params[2 * g - 2], params[2 * g - 1]
-                    scores = _awf_scores(x, weight, bias)
-                    grad_scores = _workspace("grad_scores", scores)
-                    group_grad("awf", x, rows, target, valid, layout, grad_x, scores, grad_scores)
-                    linear_backward(x, weight, grad_scores, grad_x, grad_params[2 * g - 2 : 2 * g])
+    for start in range(0, stacked.shape[0], plan.chunk):
+        end = start + plan.chunk
+        x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
+        row = 0
+        for g, op in enumerate(plan.groups):
+            layout = plan.native[op]
+            rows = grad[row : row + layout.offsets.numel() - 1]
+            row += rows.shape[0]
+            weight, bias = (None, None) if op == "original" else params[2 * g - 2 : 2 * g]
+            out = group_grad(
+                _KERNEL_OP.get(op, op), x, rows, target, valid, layout, grad_stacked[start:end], weight, bias,
+                overwrite=op == "original",
+            )  # fmt: skip
+            if out is not None:
+                for total, part in zip(grad_params[2 * g - 2 : 2 * g], out):
+                    if total is not None:
+                        total += part
     return grad_stacked, *grad_params
 
 
-def _identity_layouts(num_maps: int, num_subsets: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    """One-member layouts scoring the ``L`` original maps and the ``K`` ``cat`` maps themselves."""
-    return subset_layout([(i,) for i in range(num_maps)]), subset_layout([(k,) for k in range(num_subsets)])
-
-
-def _cat_logits(x: Tensor, weight: Tensor, bias: Tensor, num_subsets: int) -> Tensor:
-    """``(b, K, C, H, W)`` cat mutants in a workspace."""
-    b, _, c, h, w = x.shape
-    logits = _workspace("fused", x, (b, num_subsets, c, h, w))
-    linear_scores(x, weight, bias, out=logits.view(b, num_subsets * c, h * w))
-    return logits
-
-
-def _awf_scores(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """``(b, sum |S|, H*W)`` awf scores (before the softmax over members) in a workspace."""
-    b, _, _, h, w = x.shape
-    return linear_scores(x, weight, bias, out=_workspace("scores", x, (b, weight.shape[0], h * w)))
+_KERNEL_OP = {"original": "identity"}
 
 
 def _fuse(

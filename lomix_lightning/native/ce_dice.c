@@ -15,6 +15,7 @@
 #define BLOCK 256
 #define MAX_CLASSES 32
 #define MAX_MEMBERS 16
+#define SUB 64
 
 static inline float exp_poly(float x) {
     /* exp(x) for x <= 0 (a softmax argument); below -87.3 the result is clamped to about 1e-38. */
@@ -90,40 +91,134 @@ static void softmax_block(const float *z, int64_t stride, int64_t c_count, int64
     }
 }
 
-enum { OP_IDENTITY = 0, OP_ADD = 1, OP_MUL = 2, OP_AWF = 3 };
+enum { OP_IDENTITY = 0, OP_ADD = 1, OP_MUL = 2, OP_CAT = 3, OP_AWF = 4 };
 
-/* One operator group: K maps made of subsets of the L source maps of each image. */
+/* One operator group: K maps made of subsets of the L source maps of each image (mirrored by ctypes in
+ * lomix_lightning/native/__init__.py; every field is 8 bytes). */
 typedef struct {
-    int32_t op;
-    const float *src;       /* (b, L, C, N): the maps the group is made of (the network's maps, or cat's logits) */
-    const float *scores;    /* (b, R, N) awf scores before the softmax over members (OP_AWF only) */
+    int64_t op;
+    const float *src;       /* (b, L, C, N): the maps the group is made of */
     const int64_t *target;  /* (b, N) class indices */
     const float *valid;     /* (b, N) mask, or NULL */
-    const int32_t *members; /* subset k = members[offsets[k] .. offsets[k + 1]) (awf score rows are the same range) */
+    const int32_t *members; /* subset k = members[offsets[k] .. offsets[k + 1]) */
     const int32_t *offsets;
-    int64_t num_src, num_subsets, c_count, n, num_scores, tile, tiles_per_image;
+    const float *weight;    /* cat/awf: subset k's 1x1 convolution (rows_k, |S| C) at weight + woff[k] */
+    const float *bias;      /* cat/awf: its bias (rows_k) at bias + boff[k]; rows_k = C (cat) or |S| (awf) */
+    const int64_t *woff;
+    const int64_t *boff;
+    int64_t num_src, num_subsets, c_count, n, tile, tiles_per_image;
+    double *stats;          /* forward: (tiles, K, 1 + 2C) */
+    const float *grad;      /* backward: (K, 1 + 2C), the statistics' gradient */
+    float *grad_src;        /* backward: (b, L, C, N), accumulated (written when overwrite != 0, identity only) */
+    float *grad_params;     /* backward, cat/awf: (tiles, P) per-tile gradient of [weight, bias] */
+    int64_t num_params, weight_size, overwrite;
 } Group;
 
-/* The fused logits f[c][j] (stride BLOCK) of subset k on pixels j0 .. j0 + width of one image; att: awf weights. */
+/* out[r][j] = bias[r] + sum_{m, c} w[r][m C + c] x_{mem[m]}[c][j] for r < rows: a subset's 1x1 convolution over
+ * the concatenation of its members, on one block (out stride BLOCK). Columns of SUB pixels are accumulated in
+ * registers (SUB independent lanes keep the FMA units busy); a shorter last column takes the plain loop. */
+static void conv_block(const float *w, const float *bias, int64_t rows, const float *x, const int32_t *mem,
+                       int32_t size, int64_t c_count, int64_t n, int64_t width, float *out) {
+    const int64_t cols = size * c_count;
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *wr = w + r * cols;
+        float *o = out + r * BLOCK;
+        int64_t j0 = 0;
+        for (; j0 + SUB <= width; j0 += SUB) {
+            float acc[SUB];
+            for (int l = 0; l < SUB; ++l) acc[l] = bias[r];
+            for (int32_t m = 0; m < size; ++m)
+                for (int64_t c = 0; c < c_count; ++c) {
+                    const float wv = wr[m * c_count + c];
+                    const float *xv = x + (mem[m] * c_count + c) * n + j0;
+                    for (int l = 0; l < SUB; ++l) acc[l] += wv * xv[l];
+                }
+            for (int l = 0; l < SUB; ++l) o[j0 + l] = acc[l];
+        }
+        for (int64_t j = j0; j < width; ++j) {
+            float acc = bias[r];
+            for (int32_t m = 0; m < size; ++m)
+                for (int64_t c = 0; c < c_count; ++c) acc += wr[m * c_count + c] * x[(mem[m] * c_count + c) * n + j];
+            o[j] = acc;
+        }
+    }
+}
+
+/* sum_j a[j] b[j] with SUB independent partial sums, added in a fixed order. */
+static float dot_block(const float *a, const float *b, int64_t width) {
+    float acc[SUB];
+    for (int l = 0; l < SUB; ++l) acc[l] = 0.0f;
+    int64_t j = 0;
+    for (; j + SUB <= width; j += SUB)
+        for (int l = 0; l < SUB; ++l) acc[l] += a[j + l] * b[j + l];
+    for (int half = SUB / 2; half > 0; half /= 2)
+        for (int l = 0; l < half; ++l) acc[l] += acc[l + half];
+    float s = acc[0];
+    for (; j < width; ++j) s += a[j] * b[j];
+    return s;
+}
+
+/* Backward of conv_block for d (rows, stride BLOCK): grad_x of the members += w^T d; per-tile weight and bias
+ * gradients gw += d x^T, gb += sum d. */
+static void conv_block_backward(const float *w, int64_t rows, const float *x, const int32_t *mem, int32_t size,
+                                int64_t c_count, int64_t n, int64_t width, const float *d, float *gx, float *gw,
+                                float *gb) {
+    const int64_t cols = size * c_count;
+    for (int32_t m = 0; m < size; ++m)
+        for (int64_t c = 0; c < c_count; ++c) {
+            const int64_t col = m * c_count + c;
+            const float *xv = x + (mem[m] * c_count + c) * n;
+            float *gxv = gx + (mem[m] * c_count + c) * n;
+            int64_t j0 = 0;
+            for (; j0 + SUB <= width; j0 += SUB) {
+                float acc[SUB];
+                for (int l = 0; l < SUB; ++l) acc[l] = 0.0f;
+                for (int64_t r = 0; r < rows; ++r) {
+                    const float wv = w[r * cols + col];
+                    const float *dr = d + r * BLOCK + j0;
+                    for (int l = 0; l < SUB; ++l) acc[l] += wv * dr[l];
+                }
+                for (int l = 0; l < SUB; ++l) gxv[j0 + l] += acc[l];
+            }
+            for (int64_t j = j0; j < width; ++j) {
+                float acc = 0.0f;
+                for (int64_t r = 0; r < rows; ++r) acc += w[r * cols + col] * d[r * BLOCK + j];
+                gxv[j] += acc;
+            }
+            for (int64_t r = 0; r < rows; ++r) gw[r * cols + col] += dot_block(d + r * BLOCK, xv, width);
+        }
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *dr = d + r * BLOCK;
+        float s = 0.0f;
+        for (int64_t j = 0; j < width; ++j) s += dr[j];
+        gb[r] += s;
+    }
+}
+
+/* The fused logits f[c][j] (stride BLOCK) of subset k on pixels j0 .. j0 + width of one image; att: the awf
+ * member weights (size, BLOCK). */
 static void fuse_block(const Group *g, int64_t image, int64_t k, int64_t j0, int64_t width, float *f, float *att) {
     const int32_t *mem = g->members + g->offsets[k];
     const int32_t size = g->offsets[k + 1] - g->offsets[k];
     const int64_t c_count = g->c_count, n = g->n;
     const float *x = g->src + image * g->num_src * c_count * n + j0;
-    if (g->op == OP_AWF) { /* softmax of the members' scores */
-        const float *s = g->scores + (image * g->num_scores + g->offsets[k]) * n + j0;
+    if (g->op == OP_CAT) {
+        conv_block(g->weight + g->woff[k], g->bias + g->boff[k], c_count, x, mem, size, c_count, n, width, f);
+        return;
+    }
+    if (g->op == OP_AWF) { /* scores, then their softmax over the members */
+        conv_block(g->weight + g->woff[k], g->bias + g->boff[k], size, x, mem, size, c_count, n, width, att);
         float m[BLOCK], total[BLOCK];
-        for (int64_t j = 0; j < width; ++j) m[j] = s[j];
+        for (int64_t j = 0; j < width; ++j) m[j] = att[j];
         for (int32_t i = 1; i < size; ++i) {
-            const float *si = s + i * n;
-            for (int64_t j = 0; j < width; ++j) m[j] = si[j] > m[j] ? si[j] : m[j];
+            const float *ai = att + i * BLOCK;
+            for (int64_t j = 0; j < width; ++j) m[j] = ai[j] > m[j] ? ai[j] : m[j];
         }
         for (int64_t j = 0; j < width; ++j) total[j] = 0.0f;
         for (int32_t i = 0; i < size; ++i) {
-            const float *si = s + i * n;
             float *ai = att + i * BLOCK;
             for (int64_t j = 0; j < width; ++j) {
-                ai[j] = exp_poly(si[j] - m[j]);
+                ai[j] = exp_poly(ai[j] - m[j]);
                 total[j] += ai[j];
             }
         }
@@ -164,168 +259,171 @@ static void load_target(const Group *g, int64_t image, int64_t j0, int64_t width
     }
 }
 
-/* CE + Dice statistics of every subset of the group on tiles [tile0, tile1): stats (tiles, K, 1 + 2C) double,
- * per subset [sum -log p_t, I_1..I_C, Q_1..Q_C]. Sums run per pixel lane (vectorisable) and are reduced in double
- * per tile, so the result does not depend on how tiles are shared among threads. A non-finite logit makes the CE
- * sum NaN, as the tensor implementation would (0 * inf is NaN). */
-static void group_forward(const Group *g, double *stats, int64_t tile0, int64_t tile1) {
+/* CE + Dice statistics of every subset of the group on one tile: stats[tile] (K, 1 + 2C) double, per subset
+ * [sum -log p_t, I_1..I_C, Q_1..Q_C]. Sums run per pixel lane (vectorisable) and are reduced in double per tile, so
+ * the result does not depend on how tiles are shared among threads. A non-finite logit makes the CE sum NaN, as
+ * the tensor implementation would (0 * inf is NaN). */
+static void group_forward(const Group *g, int64_t tile) {
     const int64_t c_count = g->c_count, width_stats = 1 + 2 * c_count;
     float f[MAX_CLASSES * BLOCK], p[MAX_CLASSES * BLOCK], att[MAX_MEMBERS * BLOCK], lse[BLOCK], v[BLOCK];
     float acc_i[MAX_CLASSES * BLOCK], acc_q[MAX_CLASSES * BLOCK], acc_ce[BLOCK];
     int32_t t[BLOCK];
-    for (int64_t tile = tile0; tile < tile1; ++tile) {
-        const int64_t image = tile / g->tiles_per_image;
-        const int64_t start = (tile % g->tiles_per_image) * g->tile;
-        const int64_t stop = start + g->tile < g->n ? start + g->tile : g->n;
-        for (int64_t k = 0; k < g->num_subsets; ++k) {
-            memset(acc_i, 0, sizeof(float) * c_count * BLOCK);
-            memset(acc_q, 0, sizeof(float) * c_count * BLOCK);
-            memset(acc_ce, 0, sizeof acc_ce);
-            for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
-                const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
-                fuse_block(g, image, k, j0, width, f, att);
-                softmax_block(f, BLOCK, c_count, width, p, lse);
-                load_target(g, image, j0, width, t, v);
-                for (int64_t j = 0; j < width; ++j) acc_ce[j] += v[j] * lse[j];
-                for (int64_t c = 0; c < c_count; ++c) {
-                    const float *fc = f + c * BLOCK, *pc = p + c * BLOCK;
-                    float *ai = acc_i + c * BLOCK, *aq = acc_q + c * BLOCK;
-                    for (int64_t j = 0; j < width; ++j) {
-                        float hit = t[j] == (int32_t)c ? v[j] : 0.0f;
-                        ai[j] += hit * pc[j];
-                        aq[j] += v[j] * pc[j] * pc[j];
-                        acc_ce[j] -= hit * fc[j];
-                    }
-                }
-            }
-            double *out = stats + (tile * g->num_subsets + k) * width_stats;
-            double ce = 0.0;
-            for (int64_t j = 0; j < BLOCK; ++j) ce += acc_ce[j];
-            out[0] = ce;
+    const int64_t image = tile / g->tiles_per_image;
+    const int64_t start = (tile % g->tiles_per_image) * g->tile;
+    const int64_t stop = start + g->tile < g->n ? start + g->tile : g->n;
+    for (int64_t k = 0; k < g->num_subsets; ++k) {
+        memset(acc_i, 0, sizeof(float) * c_count * BLOCK);
+        memset(acc_q, 0, sizeof(float) * c_count * BLOCK);
+        memset(acc_ce, 0, sizeof acc_ce);
+        for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
+            const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
+            fuse_block(g, image, k, j0, width, f, att);
+            softmax_block(f, BLOCK, c_count, width, p, lse);
+            load_target(g, image, j0, width, t, v);
+            for (int64_t j = 0; j < width; ++j) acc_ce[j] += v[j] * lse[j];
             for (int64_t c = 0; c < c_count; ++c) {
-                double inter = 0.0, squares = 0.0;
-                for (int64_t j = 0; j < BLOCK; ++j) {
-                    inter += acc_i[c * BLOCK + j];
-                    squares += acc_q[c * BLOCK + j];
+                const float *fc = f + c * BLOCK, *pc = p + c * BLOCK;
+                float *ai = acc_i + c * BLOCK, *aq = acc_q + c * BLOCK;
+                for (int64_t j = 0; j < width; ++j) {
+                    float hit = t[j] == (int32_t)c ? v[j] : 0.0f;
+                    ai[j] += hit * pc[j];
+                    aq[j] += v[j] * pc[j] * pc[j];
+                    acc_ce[j] -= hit * fc[j];
                 }
-                out[1 + c] = inter;
-                out[1 + c_count + c] = squares;
             }
+        }
+        double *out = g->stats + (tile * g->num_subsets + k) * width_stats;
+        double ce = 0.0;
+        for (int64_t j = 0; j < BLOCK; ++j) ce += acc_ce[j];
+        out[0] = ce;
+        for (int64_t c = 0; c < c_count; ++c) {
+            double inter = 0.0, squares = 0.0;
+            for (int64_t j = 0; j < BLOCK; ++j) {
+                inter += acc_i[c * BLOCK + j];
+                squares += acc_q[c * BLOCK + j];
+            }
+            out[1 + c] = inter;
+            out[1 + c_count + c] = squares;
         }
     }
 }
 
-/* Backward of group_forward on tiles [tile0, tile1) for the statistics' gradient grad (K, 1 + 2C) float:
- * grad_src (b, L, C, N) += dL/dsrc (OP_IDENTITY with overwrite != 0: written instead), and for OP_AWF
- * grad_scores (b, R, N) = dL/dscores. Per map dL/dz_c = b_c p_c^2 + p_c (g - a_t p_t - sum_k b_k p_k^2)
- * + y_c (a_t p_t - g) with a = dL/dI, b = 2 dL/dQ, g = dL/d(sum -log p_t); then the fusion's own backward. */
-static void group_backward(const Group *g, const float *grad, float *grad_src, float *grad_scores, int32_t overwrite,
-                           int64_t tile0, int64_t tile1) {
+/* Backward of group_forward on one tile: per map dL/dz_c = b_c p_c^2 + p_c (g - a_t p_t - sum_k b_k p_k^2)
+ * + y_c (a_t p_t - g) with a = dL/dI, b = 2 dL/dQ, g = dL/d(sum -log p_t); then the fusion's own backward into
+ * grad_src (and, for cat/awf, the tile's row of grad_params). */
+static void group_backward(const Group *g, int64_t tile) {
     const int64_t c_count = g->c_count, n = g->n;
     float f[MAX_CLASSES * BLOCK], p[MAX_CLASSES * BLOCK], att[MAX_MEMBERS * BLOCK], lse[BLOCK], v[BLOCK];
     float apt[BLOCK], shift[BLOCK], tmp[BLOCK], da[MAX_MEMBERS * BLOCK];
     int32_t t[BLOCK];
-    for (int64_t tile = tile0; tile < tile1; ++tile) {
-        const int64_t image = tile / g->tiles_per_image;
-        const int64_t start = (tile % g->tiles_per_image) * g->tile;
-        const int64_t stop = start + g->tile < n ? start + g->tile : n;
-        const float *x = g->src + image * g->num_src * c_count * n;
-        float *gx = grad_src + image * g->num_src * c_count * n;
-        for (int64_t k = 0; k < g->num_subsets; ++k) {
-            const float *gk = grad + k * (1 + 2 * c_count);
-            const float g_ce = gk[0], *a = gk + 1, *b_half = gk + 1 + c_count;
-            const int32_t *mem = g->members + g->offsets[k];
-            const int32_t size = g->offsets[k + 1] - g->offsets[k];
-            for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
-                const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
-                fuse_block(g, image, k, j0, width, f, att);
-                softmax_block(f, BLOCK, c_count, width, p, lse);
-                load_target(g, image, j0, width, t, v);
-                for (int64_t j = 0; j < width; ++j) apt[j] = shift[j] = 0.0f;
-                for (int64_t c = 0; c < c_count; ++c) {
-                    const float *pc = p + c * BLOCK;
-                    const float ac = a[c], bc = 2.0f * b_half[c];
-                    for (int64_t j = 0; j < width; ++j) {
-                        apt[j] += t[j] == (int32_t)c ? ac * pc[j] : 0.0f;
-                        shift[j] += bc * pc[j] * pc[j];
-                    }
+    const int64_t image = tile / g->tiles_per_image;
+    const int64_t start = (tile % g->tiles_per_image) * g->tile;
+    const int64_t stop = start + g->tile < n ? start + g->tile : n;
+    const float *x = g->src + image * g->num_src * c_count * n;
+    float *gx = g->grad_src + image * g->num_src * c_count * n;
+    float *gw = g->grad_params ? g->grad_params + tile * g->num_params : NULL;
+    if (gw) memset(gw, 0, sizeof(float) * g->num_params);
+    for (int64_t k = 0; k < g->num_subsets; ++k) {
+        const float *gk = g->grad + k * (1 + 2 * c_count);
+        const float g_ce = gk[0], *a = gk + 1, *b_half = gk + 1 + c_count;
+        const int32_t *mem = g->members + g->offsets[k];
+        const int32_t size = g->offsets[k + 1] - g->offsets[k];
+        for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
+            const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
+            fuse_block(g, image, k, j0, width, f, att);
+            softmax_block(f, BLOCK, c_count, width, p, lse);
+            load_target(g, image, j0, width, t, v);
+            for (int64_t j = 0; j < width; ++j) apt[j] = shift[j] = 0.0f;
+            for (int64_t c = 0; c < c_count; ++c) {
+                const float *pc = p + c * BLOCK;
+                const float ac = a[c], bc = 2.0f * b_half[c];
+                for (int64_t j = 0; j < width; ++j) {
+                    apt[j] += t[j] == (int32_t)c ? ac * pc[j] : 0.0f;
+                    shift[j] += bc * pc[j] * pc[j];
                 }
-                for (int64_t j = 0; j < width; ++j) shift[j] = g_ce - apt[j] - shift[j];
-                for (int64_t c = 0; c < c_count; ++c) { /* f := dL/df, in place */
-                    const float *pc = p + c * BLOCK;
-                    float *fc = f + c * BLOCK;
-                    const float bc = 2.0f * b_half[c];
-                    for (int64_t j = 0; j < width; ++j) {
-                        float hit = t[j] == (int32_t)c ? apt[j] - g_ce : 0.0f;
-                        fc[j] = v[j] * (pc[j] * (bc * pc[j] + shift[j]) + hit);
-                    }
+            }
+            for (int64_t j = 0; j < width; ++j) shift[j] = g_ce - apt[j] - shift[j];
+            for (int64_t c = 0; c < c_count; ++c) { /* f := dL/df, in place */
+                const float *pc = p + c * BLOCK;
+                float *fc = f + c * BLOCK;
+                const float bc = 2.0f * b_half[c];
+                for (int64_t j = 0; j < width; ++j) {
+                    float hit = t[j] == (int32_t)c ? apt[j] - g_ce : 0.0f;
+                    fc[j] = v[j] * (pc[j] * (bc * pc[j] + shift[j]) + hit);
                 }
-                if (g->op == OP_AWF)
-                    for (int64_t j = 0; j < size * BLOCK; ++j) da[j] = 0.0f;
-                for (int64_t c = 0; c < c_count; ++c) {
-                    const float *fc = f + c * BLOCK;
-                    for (int32_t i = 0; i < size; ++i) {
-                        float *gxi = gx + (mem[i] * c_count + c) * n + j0;
-                        const float *xi = x + (mem[i] * c_count + c) * n + j0;
-                        if (g->op == OP_IDENTITY && overwrite) {
-                            memcpy(gxi, fc, width * sizeof(float));
-                        } else if (g->op == OP_IDENTITY || g->op == OP_ADD) {
-                            for (int64_t j = 0; j < width; ++j) gxi[j] += fc[j];
-                        } else if (g->op == OP_MUL) { /* the product of the other members */
-                            for (int64_t j = 0; j < width; ++j) tmp[j] = fc[j];
-                            for (int32_t o = 0; o < size; ++o) {
-                                if (o == i) continue;
-                                const float *xo = x + (mem[o] * c_count + c) * n + j0;
-                                for (int64_t j = 0; j < width; ++j) tmp[j] *= xo[j];
-                            }
-                            for (int64_t j = 0; j < width; ++j) gxi[j] += tmp[j];
-                        } else {
-                            const float *ai = att + i * BLOCK;
-                            float *dai = da + i * BLOCK;
-                            for (int64_t j = 0; j < width; ++j) {
-                                gxi[j] += fc[j] * ai[j];
-                                dai[j] += fc[j] * xi[j];
-                            }
+            }
+            if (g->op == OP_CAT) {
+                conv_block_backward(g->weight + g->woff[k], c_count, x + j0, mem, size, c_count, n, width, f, gx + j0,
+                                    gw + g->woff[k], gw + g->weight_size + g->boff[k]);
+                continue;
+            }
+            if (g->op == OP_AWF)
+                for (int64_t j = 0; j < size * BLOCK; ++j) da[j] = 0.0f;
+            for (int64_t c = 0; c < c_count; ++c) {
+                const float *fc = f + c * BLOCK;
+                for (int32_t i = 0; i < size; ++i) {
+                    float *gxi = gx + (mem[i] * c_count + c) * n + j0;
+                    const float *xi = x + (mem[i] * c_count + c) * n + j0;
+                    if (g->op == OP_IDENTITY && g->overwrite) {
+                        memcpy(gxi, fc, width * sizeof(float));
+                    } else if (g->op == OP_IDENTITY || g->op == OP_ADD) {
+                        for (int64_t j = 0; j < width; ++j) gxi[j] += fc[j];
+                    } else if (g->op == OP_MUL) { /* the product of the other members */
+                        for (int64_t j = 0; j < width; ++j) tmp[j] = fc[j];
+                        for (int32_t o = 0; o < size; ++o) {
+                            if (o == i) continue;
+                            const float *xo = x + (mem[o] * c_count + c) * n + j0;
+                            for (int64_t j = 0; j < width; ++j) tmp[j] *= xo[j];
+                        }
+                        for (int64_t j = 0; j < width; ++j) gxi[j] += tmp[j];
+                    } else {
+                        const float *ai = att + i * BLOCK;
+                        float *dai = da + i * BLOCK;
+                        for (int64_t j = 0; j < width; ++j) {
+                            gxi[j] += fc[j] * ai[j];
+                            dai[j] += fc[j] * xi[j];
                         }
                     }
                 }
-                if (g->op == OP_AWF) { /* softmax backward over the members: ds_i = a_i (da_i - sum_m a_m da_m) */
-                    for (int64_t j = 0; j < width; ++j) tmp[j] = 0.0f;
-                    for (int32_t i = 0; i < size; ++i)
-                        for (int64_t j = 0; j < width; ++j) tmp[j] += att[i * BLOCK + j] * da[i * BLOCK + j];
-                    float *gs = grad_scores + (image * g->num_scores + g->offsets[k]) * n + j0;
-                    for (int32_t i = 0; i < size; ++i)
-                        for (int64_t j = 0; j < width; ++j)
-                            gs[i * n + j] = att[i * BLOCK + j] * (da[i * BLOCK + j] - tmp[j]);
-                }
+            }
+            if (g->op == OP_AWF) { /* softmax over the members, backward: ds_i = a_i (da_i - sum_m a_m da_m) */
+                for (int64_t j = 0; j < width; ++j) tmp[j] = 0.0f;
+                for (int32_t i = 0; i < size; ++i)
+                    for (int64_t j = 0; j < width; ++j) tmp[j] += att[i * BLOCK + j] * da[i * BLOCK + j];
+                for (int32_t i = 0; i < size; ++i)
+                    for (int64_t j = 0; j < width; ++j)
+                        da[i * BLOCK + j] = att[i * BLOCK + j] * (da[i * BLOCK + j] - tmp[j]);
+                conv_block_backward(g->weight + g->woff[k], size, x + j0, mem, size, c_count, n, width, da, gx + j0,
+                                    gw + g->woff[k], gw + g->weight_size + g->boff[k]);
             }
         }
     }
 }
 
-static Group make_group(int32_t op, const float *src, const float *scores, const int64_t *target, const float *valid,
-                        const int32_t *members, const int32_t *offsets, int64_t num_src, int64_t num_subsets,
-                        int64_t num_scores, int64_t c_count, int64_t n, int64_t tile) {
-    Group g = {op, src, scores, target, valid, members, offsets, num_src, num_subsets, c_count, n, num_scores, tile,
-               (n + tile - 1) / tile};
-    return g;
+/* Exported entry points (ctypes): statistics (forward) or gradients (backward) of one operator group on tiles
+ * [tile0, tile1), shared among `threads` OpenMP threads when built with OpenMP. Loaded after torch, the library binds
+ * to the libgomp that torch already loaded, so these loops run on torch's own thread team. */
+void lomix_group_forward(const Group *g, int64_t tile0, int64_t tile1, int32_t threads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+    for (int64_t t = tile0; t < tile1; ++t) group_forward(g, t);
+    (void)threads;
 }
 
-/* Exported entry points (ctypes): statistics and gradient of one operator group on tiles [tile0, tile1). */
-void lomix_group_forward(int32_t op, const float *src, const float *scores, const int64_t *target, const float *valid,
-                         const int32_t *members, const int32_t *offsets, int64_t num_src, int64_t num_subsets,
-                         int64_t num_scores, int64_t c_count, int64_t n, int64_t tile, double *stats, int64_t tile0,
-                         int64_t tile1) {
-    Group g = make_group(op, src, scores, target, valid, members, offsets, num_src, num_subsets, num_scores, c_count,
-                         n, tile);
-    group_forward(&g, stats, tile0, tile1);
+void lomix_group_backward(const Group *g, int64_t tile0, int64_t tile1, int32_t threads) {
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(threads)
+#endif
+    for (int64_t t = tile0; t < tile1; ++t) group_backward(g, t);
+    (void)threads;
 }
 
-void lomix_group_backward(int32_t op, const float *src, const float *scores, const int64_t *target, const float *valid,
-                          const int32_t *members, const int32_t *offsets, int64_t num_src, int64_t num_subsets,
-                          int64_t num_scores, int64_t c_count, int64_t n, int64_t tile, const float *grad,
-                          float *grad_src, float *grad_scores, int32_t overwrite, int64_t tile0, int64_t tile1) {
-    Group g = make_group(op, src, scores, target, valid, members, offsets, num_src, num_subsets, num_scores, c_count,
-                         n, tile);
-    group_backward(&g, grad, grad_src, grad_scores, overwrite, tile0, tile1);
+/* 1 if built with OpenMP (the entry points then share tiles among their threads themselves), else 0. */
+int32_t lomix_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
 }
