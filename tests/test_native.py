@@ -38,7 +38,7 @@ def _run(loss, maps, target, use_native, monkeypatch):
 
 
 CASES = [  # (num_outputs, classes, scheme, operators, ignore_index, memory_efficient, size)
-    (4, 5, "lomix", None, None, False, 70),  # 4900 pixels: two tiles, the second partial
+    (4, 5, "lomix", None, None, False, 70),  # 4900 pixels: 5 tiles of 1024, the last partial
     (4, 5, "lomix", None, 2, False, 70),
     (3, 2, "lomix", None, None, True, 33),
     (2, 9, "lomix", ["awf"], None, False, 17),

@@ -18,7 +18,15 @@ from torch.autograd.function import once_differentiable
 
 from lomix_lightning.losses.ce_dice import CEDiceTarget, ce_dice_backward, ce_dice_forward, softmax
 from lomix_lightning.mutation import CombinatorialMutation
-from lomix_lightning.native import GroupLayout, group_grad, group_stats, identity_layout, subset_layout, usable
+from lomix_lightning.native import (
+    GroupLayout,
+    GroupSpec,
+    groups_grad,
+    groups_stats,
+    identity_layout,
+    subset_layout,
+    usable,
+)
 from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward
 
 
@@ -174,42 +182,34 @@ class _LoMixStats(torch.autograd.Function):
         return None, grad_stacked, *grad_params
 
 
+def _native_specs(plan: _EnginePlan, params: Sequence[Tensor | None]) -> list[GroupSpec]:
+    """The kernels' group list: the original maps, then each operator with its packed parameters."""
+    specs = []
+    for g, op in enumerate(plan.groups):
+        weight, bias = (None, None) if op == "original" else params[2 * g - 2 : 2 * g]
+        specs.append(GroupSpec(_KERNEL_OP.get(op, op), plan.native[op], weight, bias))
+    return specs
+
+
 def _native_forward(plan: _EnginePlan, stacked: Tensor, params: Sequence[Tensor | None]) -> Tensor:
-    """The statistics through the compiled kernels, one call per operator group and chunk of images."""
-    chunk_stats = []
-    for start in range(0, stacked.shape[0], plan.chunk):
-        x, (target, valid, _) = stacked[start : start + plan.chunk], _target_chunk(plan.prepared, start, plan.chunk)
-        stats = []
-        for g, op in enumerate(plan.groups):
-            weight, bias = (None, None) if op == "original" else params[2 * g - 2 : 2 * g]
-            stats.append(group_stats(_KERNEL_OP.get(op, op), x, target, valid, plan.native[op], weight, bias))
-        chunk_stats.append(torch.cat(stats))
-    return torch.stack(chunk_stats).sum(dim=0)
+    """The statistics through the compiled kernels: every group and image in one call, no map stored."""
+    prepared = plan.prepared
+    return torch.cat(groups_stats(_native_specs(plan, params), stacked, prepared.target, prepared.valid))
 
 
 def _native_backward(
     plan: _EnginePlan, grad: Tensor, stacked: Tensor, params: Sequence[Tensor | None]
 ) -> tuple[Tensor | None, ...]:
     """Gradients of :func:`_native_forward`: ``(grad stacked, *grad params)``; every fusion is recomputed."""
+    specs = _native_specs(plan, params)
+    grads = grad.split([spec.layout.offsets.numel() - 1 for spec in specs])
     grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
-    grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
-    for start in range(0, stacked.shape[0], plan.chunk):
-        end = start + plan.chunk
-        x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
-        row = 0
-        for g, op in enumerate(plan.groups):
-            layout = plan.native[op]
-            rows = grad[row : row + layout.offsets.numel() - 1]
-            row += rows.shape[0]
-            weight, bias = (None, None) if op == "original" else params[2 * g - 2 : 2 * g]
-            out = group_grad(
-                _KERNEL_OP.get(op, op), x, rows, target, valid, layout, grad_stacked[start:end], weight, bias,
-                overwrite=op == "original",
-            )  # fmt: skip
-            if out is not None:
-                for total, part in zip(grad_params[2 * g - 2 : 2 * g], out):
-                    if total is not None:
-                        total += part
+    prepared = plan.prepared
+    outs = groups_grad(specs, stacked, grads, prepared.target, prepared.valid, grad_stacked)
+    grad_params: list[Tensor | None] = []
+    for out, param_pair in zip(outs[1:], zip(params[0::2], params[1::2])):
+        for part, param in zip(out if out is not None else (None, None), param_pair):
+            grad_params.append(None if param is None or not param.requires_grad or part is None else part)
     return grad_stacked, *grad_params
 
 

@@ -78,8 +78,14 @@ def _load() -> ctypes.CDLL | None:
             stderr = getattr(err, "stderr", b"") or b""
             errors.append(f"{err} {stderr.decode(errors='replace').strip()[:300]}")
             continue
-        for name in ("lomix_group_forward", "lomix_group_backward"):
-            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int32]
+        for name in ("lomix_groups_forward", "lomix_groups_backward"):
+            getattr(lib, name).argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int64,
+                ctypes.c_int32,
+            ]
             getattr(lib, name).restype = None
         lib.lomix_openmp.restype = ctypes.c_int32
         lib.openmp = bool(lib.lomix_openmp())

@@ -10,6 +10,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define BLOCK 256
@@ -144,25 +145,32 @@ static void conv_block(const float *w, const float *bias, int64_t rows, const fl
     }
 }
 
-/* sum_j a[j] b[j] with SUB independent partial sums, added in a fixed order. */
-static float dot_block(const float *a, const float *b, int64_t width) {
-    float acc[SUB];
-    for (int l = 0; l < SUB; ++l) acc[l] = 0.0f;
+/* lanes[0..7] += sum_j a[j] b[j], split over 8 lanes (32 independent partial sums inside; a fixed order). */
+static void dot_lanes(const float *a, const float *b, int64_t width, float *lanes) {
+    float acc[32];
+    for (int l = 0; l < 32; ++l) acc[l] = 0.0f;
     int64_t j = 0;
-    for (; j + SUB <= width; j += SUB)
-        for (int l = 0; l < SUB; ++l) acc[l] += a[j + l] * b[j + l];
-    for (int half = SUB / 2; half > 0; half /= 2)
-        for (int l = 0; l < half; ++l) acc[l] += acc[l + half];
-    float s = acc[0];
-    for (; j < width; ++j) s += a[j] * b[j];
-    return s;
+    for (; j + 32 <= width; j += 32)
+        for (int l = 0; l < 32; ++l) acc[l] += a[j + l] * b[j + l];
+    for (; j < width; ++j) acc[j & 31] += a[j] * b[j];
+    for (int l = 0; l < 8; ++l) lanes[l] += (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]);
 }
 
-/* Backward of conv_block for d (rows, stride BLOCK): grad_x of the members += w^T d; per-tile weight and bias
- * gradients gw += d x^T, gb += sum d. */
+static void sum_lanes(const float *a, int64_t width, float *lanes) {
+    float acc[32];
+    for (int l = 0; l < 32; ++l) acc[l] = 0.0f;
+    int64_t j = 0;
+    for (; j + 32 <= width; j += 32)
+        for (int l = 0; l < 32; ++l) acc[l] += a[j + l];
+    for (; j < width; ++j) acc[j & 31] += a[j];
+    for (int l = 0; l < 8; ++l) lanes[l] += (acc[l] + acc[l + 8]) + (acc[l + 16] + acc[l + 24]);
+}
+
+/* Backward of conv_block for d (rows, stride BLOCK): grad_x of the members += w^T d; the weight and bias gradients
+ * gw += d x^T, gb += sum d accumulate in 8 lanes per parameter (gw_lanes, gb_lanes; reduced per tile). */
 static void conv_block_backward(const float *w, int64_t rows, const float *x, const int32_t *mem, int32_t size,
-                                int64_t c_count, int64_t n, int64_t width, const float *d, float *gx, float *gw,
-                                float *gb) {
+                                int64_t c_count, int64_t n, int64_t width, const float *d, float *gx, float *gw_lanes,
+                                float *gb_lanes) {
     const int64_t cols = size * c_count;
     for (int32_t m = 0; m < size; ++m)
         for (int64_t c = 0; c < c_count; ++c) {
@@ -185,14 +193,9 @@ static void conv_block_backward(const float *w, int64_t rows, const float *x, co
                 for (int64_t r = 0; r < rows; ++r) acc += w[r * cols + col] * d[r * BLOCK + j];
                 gxv[j] += acc;
             }
-            for (int64_t r = 0; r < rows; ++r) gw[r * cols + col] += dot_block(d + r * BLOCK, xv, width);
+            for (int64_t r = 0; r < rows; ++r) dot_lanes(d + r * BLOCK, xv, width, gw_lanes + 8 * (r * cols + col));
         }
-    for (int64_t r = 0; r < rows; ++r) {
-        const float *dr = d + r * BLOCK;
-        float s = 0.0f;
-        for (int64_t j = 0; j < width; ++j) s += dr[j];
-        gb[r] += s;
-    }
+    for (int64_t r = 0; r < rows; ++r) sum_lanes(d + r * BLOCK, width, gb_lanes + 8 * r);
 }
 
 /* The fused logits f[c][j] (stride BLOCK) of subset k on pixels j0 .. j0 + width of one image; att: the awf
@@ -322,7 +325,11 @@ static void group_backward(const Group *g, int64_t tile) {
     const float *x = g->src + image * g->num_src * c_count * n;
     float *gx = g->grad_src + image * g->num_src * c_count * n;
     float *gw = g->grad_params ? g->grad_params + tile * g->num_params : NULL;
-    if (gw) memset(gw, 0, sizeof(float) * g->num_params);
+    float *lanes = gw ? calloc((size_t)(8 * g->num_params), sizeof(float)) : NULL; /* 8 lanes per parameter */
+    if (gw && !lanes) { /* out of memory: a NaN gradient, never a silently wrong one */
+        for (int64_t i = 0; i < g->num_params; ++i) gw[i] = NAN;
+        return;
+    }
     for (int64_t k = 0; k < g->num_subsets; ++k) {
         const float *gk = g->grad + k * (1 + 2 * c_count);
         const float g_ce = gk[0], *a = gk + 1, *b_half = gk + 1 + c_count;
@@ -354,7 +361,7 @@ static void group_backward(const Group *g, int64_t tile) {
             }
             if (g->op == OP_CAT) {
                 conv_block_backward(g->weight + g->woff[k], c_count, x + j0, mem, size, c_count, n, width, f, gx + j0,
-                                    gw + g->woff[k], gw + g->weight_size + g->boff[k]);
+                                    lanes + 8 * g->woff[k], lanes + 8 * (g->weight_size + g->boff[k]));
                 continue;
             }
             if (g->op == OP_AWF)
@@ -394,28 +401,39 @@ static void group_backward(const Group *g, int64_t tile) {
                     for (int64_t j = 0; j < width; ++j)
                         da[i * BLOCK + j] = att[i * BLOCK + j] * (da[i * BLOCK + j] - tmp[j]);
                 conv_block_backward(g->weight + g->woff[k], size, x + j0, mem, size, c_count, n, width, da, gx + j0,
-                                    gw + g->woff[k], gw + g->weight_size + g->boff[k]);
+                                    lanes + 8 * g->woff[k], lanes + 8 * (g->weight_size + g->boff[k]));
             }
         }
     }
+    if (lanes) {
+        for (int64_t i = 0; i < g->num_params; ++i) {
+            const float *li = lanes + 8 * i;
+            gw[i] = ((li[0] + li[1]) + (li[2] + li[3])) + ((li[4] + li[5]) + (li[6] + li[7]));
+        }
+        free(lanes);
+    }
 }
 
-/* Exported entry points (ctypes): statistics (forward) or gradients (backward) of one operator group on tiles
- * [tile0, tile1), shared among `threads` OpenMP threads when built with OpenMP. Loaded after torch, the library binds
- * to the libgomp that torch already loaded, so these loops run on torch's own thread team. */
-void lomix_group_forward(const Group *g, int64_t tile0, int64_t tile1, int32_t threads) {
+/* Exported entry points (ctypes): statistics (forward) or gradients (backward) of num_groups operator groups over
+ * the same maps, on tiles [tile0, tile1). Each tile runs every group in turn, so its maps stay in cache; tiles are
+ * shared among `threads` OpenMP threads when built with OpenMP. Loaded after torch, the library binds to the libgomp
+ * that torch already loaded, so these loops run on torch's own thread team. In backward the first group (the
+ * original maps, overwrite != 0) writes grad_src before the others accumulate into it. */
+void lomix_groups_forward(const Group *groups, int64_t num_groups, int64_t tile0, int64_t tile1, int32_t threads) {
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
-    for (int64_t t = tile0; t < tile1; ++t) group_forward(g, t);
+    for (int64_t t = tile0; t < tile1; ++t)
+        for (int64_t i = 0; i < num_groups; ++i) group_forward(groups + i, t);
     (void)threads;
 }
 
-void lomix_group_backward(const Group *g, int64_t tile0, int64_t tile1, int32_t threads) {
+void lomix_groups_backward(const Group *groups, int64_t num_groups, int64_t tile0, int64_t tile1, int32_t threads) {
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(threads)
 #endif
-    for (int64_t t = tile0; t < tile1; ++t) group_backward(g, t);
+    for (int64_t t = tile0; t < tile1; ++t)
+        for (int64_t i = 0; i < num_groups; ++i) group_backward(groups + i, t);
     (void)threads;
 }
 

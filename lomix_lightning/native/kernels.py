@@ -18,7 +18,7 @@ MAX_CLASSES = 32
 MAX_MEMBERS = 16
 """The kernels' subset-size limit (``MAX_MEMBERS``): at most 16 network outputs."""
 
-TILE = 4096
+TILE = 1024
 """Pixels per work item: statistics are reduced per tile, in a fixed order, whatever the thread count."""
 
 OPERATOR_CODES = {"identity": 0, "add": 1, "mul": 2, "cat": 3, "awf": 4}
@@ -115,133 +115,120 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def _run_tiles(fn, group: _Group, tiles: int) -> None:
-    """Call ``fn(group, tile0, tile1, threads)`` over all tiles with torch's thread count.
+def _run_tiles(fn, groups: ctypes.Array, tiles: int) -> None:
+    """Call ``fn(groups, len(groups), tile0, tile1, threads)`` over all tiles with torch's thread count.
 
     An OpenMP build shares the tiles itself; otherwise each thread of a pool takes a range (ctypes releases the GIL).
     """
     threads = max(1, min(torch.get_num_threads(), tiles))
-    pointer = ctypes.byref(group)
     if library().openmp or threads == 1:
-        fn(pointer, 0, tiles, threads)
+        fn(groups, len(groups), 0, tiles, threads)
         return
     step = -(-tiles // threads)
     pool = _pool(threads)
-    futures = [pool.submit(fn, pointer, start, min(tiles, start + step), 1) for start in range(0, tiles, step)]
+    futures = [pool.submit(fn, groups, len(groups), s, min(tiles, s + step), 1) for s in range(0, tiles, step)]
     for future in futures:
         future.result()
 
 
-def _group(
-    op: str,
-    src: Tensor,
-    target: Tensor,
-    valid: Tensor | None,
-    layout: GroupLayout,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    keep: list,
-) -> tuple[_Group, int]:
-    """The ``Group`` struct (``keep`` holds the tensors it points to) and the number of tiles."""
+class GroupSpec(NamedTuple):
+    """One operator group for :func:`groups_stats`: its kind, layout and (``cat``/``awf``) packed parameters.
+
+    ``op`` is ``"identity"`` (score the source maps named by one-member subsets), ``"add"``, ``"mul"``, ``"cat"`` or
+    ``"awf"``; ``weight``/``bias`` are :meth:`~lomix_lightning.CombinatorialMutation.packed_parameters`.
+    """
+
+    op: str
+    layout: GroupLayout
+    weight: Tensor | None = None
+    bias: Tensor | None = None
+
+
+def _groups(
+    specs: Sequence[GroupSpec], src: Tensor, target: Tensor, valid: Tensor | None, keep: list
+) -> tuple[ctypes.Array, int]:
+    """The ``Group`` structs (``keep`` holds the tensors they point to) and the number of tiles."""
     b, num_src, c, h, w = src.shape
-    if op in ("cat", "awf") and (weight is None or bias is None):
-        raise ValueError(f"operator {op!r} needs its packed weight and bias")
-    tensors = [
-        src.contiguous(),
-        target.to(torch.int64).contiguous(),
-        None if valid is None else valid.to(torch.float32).contiguous(),
-        None if weight is None else weight.to(torch.float32).contiguous(),
-        None if bias is None else bias.to(torch.float32).contiguous(),
-    ]
-    keep.extend(tensors)
-    src, target, valid, weight, bias = tensors
+    src, target = src.contiguous(), target.to(torch.int64).contiguous()
+    valid = None if valid is None else valid.to(torch.float32).contiguous()
+    keep.extend([src, target, valid])
     n = h * w
     tiles_per_image = -(-n // TILE)
-    group = _Group(
-        op=OPERATOR_CODES[op],
-        src=_pointer(src),
-        target=_pointer(target),
-        valid=_pointer(valid),
-        members=_pointer(layout.members),
-        offsets=_pointer(layout.offsets),
-        weight=_pointer(weight),
-        bias=_pointer(bias),
-        woff=_pointer(layout.woff),
-        boff=_pointer(layout.boff),
-        num_src=num_src,
-        num_subsets=layout.offsets.numel() - 1,
-        c_count=c,
-        n=n,
-        tile=TILE,
-        tiles_per_image=tiles_per_image,
-        num_params=layout.weight_size + layout.bias_size,
-        weight_size=layout.weight_size,
-    )
-    return group, b * tiles_per_image
+    groups = (_Group * len(specs))()
+    for group, spec in zip(groups, specs):
+        if spec.op in ("cat", "awf") and (spec.weight is None or spec.bias is None):
+            raise ValueError(f"operator {spec.op!r} needs its packed weight and bias")
+        weight, bias = (None if t is None else t.detach().to(torch.float32).contiguous() for t in spec[2:])
+        keep.extend([weight, bias])
+        layout = spec.layout
+        group.op, group.src, group.target, group.valid = OPERATOR_CODES[spec.op], *map(_pointer, (src, target, valid))
+        group.members, group.offsets = _pointer(layout.members), _pointer(layout.offsets)
+        group.weight, group.bias = _pointer(weight), _pointer(bias)
+        group.woff, group.boff = _pointer(layout.woff), _pointer(layout.boff)
+        group.num_src, group.num_subsets, group.c_count, group.n = num_src, layout.offsets.numel() - 1, c, n
+        group.tile, group.tiles_per_image = TILE, tiles_per_image
+        group.num_params, group.weight_size = layout.weight_size + layout.bias_size, layout.weight_size
+    return groups, b * tiles_per_image
 
 
-def group_stats(
-    op: str,
-    src: Tensor,
-    target: Tensor,
-    valid: Tensor | None,
-    layout: GroupLayout,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-) -> Tensor:
-    """``(K, 1 + 2C)`` CE + Dice statistics of one operator group's maps, fused in the kernel (no map is stored).
+def groups_stats(specs: Sequence[GroupSpec], src: Tensor, target: Tensor, valid: Tensor | None) -> list[Tensor]:
+    """Per group, the ``(K, 1 + 2C)`` CE + Dice statistics of its maps, fused in the kernel (no map is stored).
+
+    One call runs every group on each tile of pixels in turn, so the source maps are read from memory once.
 
     Args:
-        op: ``"identity"`` (score the source maps named by one-member subsets), ``"add"``, ``"mul"``, ``"cat"`` or
-            ``"awf"``.
+        specs: The operator groups.
         src: ``(b, L, C, H, W)`` float32 maps on the CPU (check :func:`usable` first).
         target: ``(b, H, W)`` class indices in ``[0, C)``.
         valid: ``(b, H, W)`` mask, or ``None``.
-        layout: :func:`subset_layout` of the group's ``K`` subsets.
-        weight: ``cat``/``awf``: the packed 1x1 convolution weights.
-        bias: ``cat``/``awf``: the packed biases.
     """
     keep: list = []
-    group, tiles = _group(op, src, target, valid, layout, weight, bias, keep)
+    groups, tiles = _groups(specs, src, target, valid, keep)
     c = src.shape[2]
-    stats = torch.empty(tiles, group.num_subsets, 1 + 2 * c, dtype=torch.float64)
-    group.stats = stats.data_ptr()
-    _run_tiles(library().lomix_group_forward, group, tiles)
-    return stats.sum(dim=0).to(src.dtype)
+    stats = [torch.empty(tiles, group.num_subsets, 1 + 2 * c, dtype=torch.float64) for group in groups]
+    for group, out in zip(groups, stats):
+        group.stats = out.data_ptr()
+    _run_tiles(library().lomix_groups_forward, groups, tiles)
+    return [out.sum(dim=0).to(src.dtype) for out in stats]
 
 
-def group_grad(
-    op: str,
+def groups_grad(
+    specs: Sequence[GroupSpec],
     src: Tensor,
-    grad: Tensor,
+    grads: Sequence[Tensor],
     target: Tensor,
     valid: Tensor | None,
-    layout: GroupLayout,
     grad_src: Tensor,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    overwrite: bool = False,
-) -> tuple[Tensor, Tensor] | None:
-    """Backward of :func:`group_stats` for the statistics' gradient ``grad`` ``(K, 1 + 2C)``.
+) -> list[tuple[Tensor, Tensor] | None]:
+    """Backward of :func:`groups_stats` for the statistics' gradients ``grads`` (per group ``(K, 1 + 2C)``).
 
-    Accumulates into ``grad_src`` (contiguous, shaped like ``src``; ``overwrite=True`` with ``identity`` writes it,
-    and every source map must then be in the layout). Returns ``(grad weight, grad bias)`` for ``cat``/``awf``.
+    Accumulates into ``grad_src`` (contiguous float32, shaped like ``src``), except that a first ``identity`` group
+    that names every source map writes it (so ``grad_src`` may start uninitialised). Returns per group
+    ``(grad weight, grad bias)`` for ``cat``/``awf``, else ``None``.
     """
     if not grad_src.is_contiguous() or grad_src.shape != src.shape or grad_src.dtype != torch.float32:
-        raise ValueError(
-            f"grad_src must be contiguous float32 of shape {tuple(src.shape)}, got {tuple(grad_src.shape)}"
-        )
+        raise ValueError(f"grad_src must be contiguous float32 shaped {tuple(src.shape)}, got {tuple(grad_src.shape)}")
     keep: list = []
-    group, tiles = _group(op, src, target, valid, layout, weight, bias, keep)
-    grad = grad.to(torch.float32).contiguous()
-    partial = torch.empty(tiles, group.num_params) if op in ("cat", "awf") else None
-    group.grad, group.grad_src, group.grad_params = grad.data_ptr(), grad_src.data_ptr(), _pointer(partial)
-    group.overwrite = int(overwrite)
-    _run_tiles(library().lomix_group_backward, group, tiles)
-    if partial is None:
-        return None
-    total = partial.sum(dim=0, dtype=torch.float64).to(torch.float32)
-    return total[: layout.weight_size], total[layout.weight_size :]
+    groups, tiles = _groups(specs, src, target, valid, keep)
+    partials = []
+    for i, (group, spec, grad) in enumerate(zip(groups, specs, grads)):
+        grad = grad.detach().to(torch.float32).contiguous()
+        partial = torch.empty(tiles, group.num_params) if spec.op in ("cat", "awf") else None
+        keep.extend([grad, partial])
+        partials.append(partial)
+        group.grad, group.grad_src, group.grad_params = grad.data_ptr(), grad_src.data_ptr(), _pointer(partial)
+        group.overwrite = int(i == 0 and spec.op == "identity" and group.num_subsets == src.shape[1])
+    if not groups[0].overwrite:
+        grad_src.zero_()
+    _run_tiles(library().lomix_groups_backward, groups, tiles)
+    results: list[tuple[Tensor, Tensor] | None] = []
+    for spec, partial in zip(specs, partials):
+        if partial is None:
+            results.append(None)
+            continue
+        total = partial.sum(dim=0, dtype=torch.float64).to(torch.float32)
+        results.append((total[: spec.layout.weight_size], total[spec.layout.weight_size :]))
+    return results
 
 
 def native_stats(logits: Tensor, target: Tensor, valid: Tensor | None) -> Tensor | None:
@@ -251,14 +238,14 @@ def native_stats(logits: Tensor, target: Tensor, valid: Tensor | None) -> Tensor
     """
     if not usable(logits):
         return None
-    return group_stats("identity", logits, target, valid, identity_layout(logits.shape[1]))
+    return groups_stats([GroupSpec("identity", identity_layout(logits.shape[1]))], logits, target, valid)[0]
 
 
 def native_grad(logits: Tensor, grad: Tensor, target: Tensor, valid: Tensor | None, out: Tensor) -> Tensor | None:
     """Gradient of ``sum(grad * stats)`` with respect to ``(b, K, C, H, W)`` logits, written to ``out``, or ``None``."""
     if not usable(logits):
         return None
-    group_grad("identity", logits, grad, target, valid, identity_layout(logits.shape[1]), out, overwrite=True)
+    groups_grad([GroupSpec("identity", identity_layout(logits.shape[1]))], logits, [grad], target, valid, out)
     return out
 
 
