@@ -32,6 +32,7 @@ from reference_loop import ReferenceLoopLoss  # noqa: E402
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule  # noqa: E402
 from lomix_lightning.export import as_output_list, resize_logits  # noqa: E402
 from lomix_lightning.models import MultiScaleSMP  # noqa: E402
+from lomix_lightning.native import library  # noqa: E402
 
 SCHEMES = ("last_layer", "deep_supervision", "mutation", "lomix")
 NATIVE = (8, 4, 2, 1)  # the L=4 maps' downsampling factors (coarse to fine), as MultiScaleSMP's Unet returns them
@@ -232,6 +233,7 @@ def machine(device: torch.device) -> dict:
         with open("/proc/cpuinfo") as cpuinfo:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name"))
     info["cpu_count"] = os.cpu_count()
+    info["native_kernels"] = device.type == "cpu" and library() is not None  # LOMIX_NATIVE=0 switches them off
     with contextlib.suppress(OSError):
         info["load_average"] = os.getloadavg()
     if device.type == "cuda":
@@ -269,7 +271,8 @@ def print_table(result: dict) -> None:
     from rich.table import Table
 
     loss, steps, memory, ratios = result["loss_s"], result["step_s"], result["peak_memory_bytes"], result["ratios"]
-    table = Table(title=f"LoMix benchmark ({result['machine']['cpu']}, {result['machine']['device']})")
+    kernels = ", native kernels" if result["machine"].get("native_kernels") else ""
+    table = Table(title=f"LoMix benchmark ({result['machine']['cpu']}, {result['machine']['device']}{kernels})")
     for column in ("measurement", "value", "ratio"):
         table.add_column(column, justify="left" if column == "measurement" else "right")
     ref = loss["reference loop (authors' structure)"]

@@ -64,8 +64,10 @@ static inline float log_poly(float x) {
     return m + y + 0.693359375f * fe;
 }
 
-/* Softmax of one block: p[c][j] (stride BLOCK) from z (class stride `stride`), and per pixel m + log(sum exp). */
-static void softmax_block(const float *z, int64_t stride, int64_t c_count, int64_t width, float *p, float *lse) {
+/* Softmax of one block, unnormalised: e[c][j] = exp(z - max) (stride BLOCK) from z (class stride `stride`), the
+ * reciprocal inv[j] of its sum (so p = e * inv, formed where it is used) and lse[j] = max + log(sum). */
+static void softmax_block(const float *z, int64_t stride, int64_t c_count, int64_t width, float *e, float *lse,
+                          float *inv) {
     float m[BLOCK], s[BLOCK];
     for (int64_t j = 0; j < width; ++j) m[j] = z[j];
     for (int64_t c = 1; c < c_count; ++c) {
@@ -75,20 +77,16 @@ static void softmax_block(const float *z, int64_t stride, int64_t c_count, int64
     for (int64_t j = 0; j < width; ++j) s[j] = 0.0f;
     for (int64_t c = 0; c < c_count; ++c) {
         const float *zc = z + c * stride;
-        float *pc = p + c * BLOCK;
+        float *ec = e + c * BLOCK;
         for (int64_t j = 0; j < width; ++j) {
-            float e = exp_poly(zc[j] - m[j]);
-            pc[j] = e;
-            s[j] += e;
+            float ev = exp_poly(zc[j] - m[j]);
+            ec[j] = ev;
+            s[j] += ev;
         }
     }
     for (int64_t j = 0; j < width; ++j) {
         lse[j] = m[j] + log_poly(s[j]);
-        s[j] = 1.0f / s[j];
-    }
-    for (int64_t c = 0; c < c_count; ++c) {
-        float *pc = p + c * BLOCK;
-        for (int64_t j = 0; j < width; ++j) pc[j] *= s[j];
+        inv[j] = 1.0f / s[j];
     }
 }
 
@@ -268,7 +266,7 @@ static void load_target(const Group *g, int64_t image, int64_t j0, int64_t width
  * the tensor implementation would (0 * inf is NaN). */
 static void group_forward(const Group *g, int64_t tile) {
     const int64_t c_count = g->c_count, width_stats = 1 + 2 * c_count;
-    float f[MAX_CLASSES * BLOCK], p[MAX_CLASSES * BLOCK], att[MAX_MEMBERS * BLOCK], lse[BLOCK], v[BLOCK];
+    float f[MAX_CLASSES * BLOCK], p[MAX_CLASSES * BLOCK], att[MAX_MEMBERS * BLOCK], lse[BLOCK], v[BLOCK], inv[BLOCK];
     float acc_i[MAX_CLASSES * BLOCK], acc_q[MAX_CLASSES * BLOCK], acc_ce[BLOCK];
     int32_t t[BLOCK];
     const int64_t image = tile / g->tiles_per_image;
@@ -281,16 +279,17 @@ static void group_forward(const Group *g, int64_t tile) {
         for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
             const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
             fuse_block(g, image, k, j0, width, f, att);
-            softmax_block(f, BLOCK, c_count, width, p, lse);
+            softmax_block(f, BLOCK, c_count, width, p, lse, inv);
             load_target(g, image, j0, width, t, v);
             for (int64_t j = 0; j < width; ++j) acc_ce[j] += v[j] * lse[j];
             for (int64_t c = 0; c < c_count; ++c) {
                 const float *fc = f + c * BLOCK, *pc = p + c * BLOCK;
                 float *ai = acc_i + c * BLOCK, *aq = acc_q + c * BLOCK;
                 for (int64_t j = 0; j < width; ++j) {
+                    const float pj = pc[j] * inv[j];
                     float hit = t[j] == (int32_t)c ? v[j] : 0.0f;
-                    ai[j] += hit * pc[j];
-                    aq[j] += v[j] * pc[j] * pc[j];
+                    ai[j] += hit * pj;
+                    aq[j] += v[j] * pj * pj;
                     acc_ce[j] -= hit * fc[j];
                 }
             }
@@ -317,7 +316,7 @@ static void group_forward(const Group *g, int64_t tile) {
 static void group_backward(const Group *g, int64_t tile) {
     const int64_t c_count = g->c_count, n = g->n;
     float f[MAX_CLASSES * BLOCK], p[MAX_CLASSES * BLOCK], att[MAX_MEMBERS * BLOCK], lse[BLOCK], v[BLOCK];
-    float apt[BLOCK], shift[BLOCK], tmp[BLOCK], da[MAX_MEMBERS * BLOCK];
+    float apt[BLOCK], shift[BLOCK], tmp[BLOCK], da[MAX_MEMBERS * BLOCK], inv[BLOCK];
     int32_t t[BLOCK];
     const int64_t image = tile / g->tiles_per_image;
     const int64_t start = (tile % g->tiles_per_image) * g->tile;
@@ -338,15 +337,16 @@ static void group_backward(const Group *g, int64_t tile) {
         for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
             const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
             fuse_block(g, image, k, j0, width, f, att);
-            softmax_block(f, BLOCK, c_count, width, p, lse);
+            softmax_block(f, BLOCK, c_count, width, p, lse, inv);
             load_target(g, image, j0, width, t, v);
             for (int64_t j = 0; j < width; ++j) apt[j] = shift[j] = 0.0f;
             for (int64_t c = 0; c < c_count; ++c) {
                 const float *pc = p + c * BLOCK;
                 const float ac = a[c], bc = 2.0f * b_half[c];
                 for (int64_t j = 0; j < width; ++j) {
-                    apt[j] += t[j] == (int32_t)c ? ac * pc[j] : 0.0f;
-                    shift[j] += bc * pc[j] * pc[j];
+                    const float pj = pc[j] * inv[j];
+                    apt[j] += t[j] == (int32_t)c ? ac * pj : 0.0f;
+                    shift[j] += bc * pj * pj;
                 }
             }
             for (int64_t j = 0; j < width; ++j) shift[j] = g_ce - apt[j] - shift[j];
@@ -355,8 +355,9 @@ static void group_backward(const Group *g, int64_t tile) {
                 float *fc = f + c * BLOCK;
                 const float bc = 2.0f * b_half[c];
                 for (int64_t j = 0; j < width; ++j) {
+                    const float pj = pc[j] * inv[j];
                     float hit = t[j] == (int32_t)c ? apt[j] - g_ce : 0.0f;
-                    fc[j] = v[j] * (pc[j] * (bc * pc[j] + shift[j]) + hit);
+                    fc[j] = v[j] * (pj * (bc * pj + shift[j]) + hit);
                 }
             }
             if (g->op == OP_CAT) {
