@@ -67,8 +67,10 @@ class LoMixLoss(nn.Module):
 
     With ``ce_dice`` one fused engine computes every map: each operator writes all its mutants into one tensor, one
     softmax serves CE and Dice, and the backward is written by hand (keeping at most the softmax, see
-    ``memory_efficient``). No host synchronisation; at least float32 even under autocast. On the CPU the batch is
-    processed a few images at a time through scratch buffers that each thread keeps and reuses across calls.
+    ``memory_efficient``). No host synchronisation; at least float32 even under autocast. On the CPU (float32, at most
+    32 classes and 16 outputs) compiled kernels (:mod:`lomix_lightning.native`) do each operator's fusion, softmax,
+    CE and Dice per block of pixels without storing any map, and recompute them in backward; elsewhere, or with
+    ``LOMIX_NATIVE=0``, tensor operations do (same values).
 
     Args:
         num_outputs: Number ``L`` of maps the network returns (coarse to fine; the last is the prediction).
@@ -88,7 +90,8 @@ class LoMixLoss(nn.Module):
             softmax there, one image at a time (for a loss other than ``ce_dice``: ``torch.utils.checkpoint`` per
             operator). Same values and gradients, for a second fusion and softmax in backward. By default the
             softmax of the original and ``cat`` maps is kept and the ``add``/``mul``/``awf`` mutants are recomputed,
-            which bounds the loss's extra memory to about ``L + K`` softmax maps.
+            which bounds the loss's extra memory to about ``L + K`` softmax maps. The CPU kernels keep nothing
+            either way, so there this option changes nothing.
 
     Raises:
         ValueError: On an unknown scheme, operator, weighting or loss, ``num_outputs < 1``, operators given with
