@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,3 +156,12 @@ def test_the_build_is_cached(fresh_state):
     mtime = built[0].stat().st_mtime_ns
     assert native.library() is not None
     assert sorted(fresh_state.glob("*.so")) == built and built[0].stat().st_mtime_ns == mtime  # loaded, not rebuilt
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("LOMIX_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
+    assert native_build._cache_dir() == tmp_path / "home-cache" / "lomix_lightning"
+    monkeypatch.setattr(native_build.os, "access", lambda *args: False)
+    fallback = native_build._cache_dir()
+    assert fallback.parent == Path(tempfile.gettempdir()) and fallback.name.startswith("lomix_lightning-")

@@ -25,10 +25,19 @@ _STATE: dict = {}
 
 
 def _cache_dir() -> Path:
+    """``$LOMIX_CACHE_DIR``, else the user cache directory, else (not writable) a per-user temporary directory."""
     if os.environ.get("LOMIX_CACHE_DIR"):
         return Path(os.environ["LOMIX_CACHE_DIR"])
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "lomix_lightning"
+    path = Path(base) / "lomix_lightning"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.access(path, os.W_OK):
+            return path
+    except OSError:
+        pass
+    user = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"lomix_lightning-{user}"
 
 
 def _cpu_id() -> str:
