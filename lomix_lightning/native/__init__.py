@@ -2,16 +2,16 @@
 
 On the CPU, LoMix's fusions, softmaxes, CE and Dice statistics and their gradients are dozens of memory-bound tensor
 passes over 48 full-resolution maps; the C kernels compute each operator group per block of 256 pixels, in cache, and
-store no map (see ``benchmarks/``). They are plain C99 without
-Python or torch headers: the first use compiles them with the system C compiler (``$CC`` or ``cc``, about a second)
-into a cache directory, keyed by the source, the flags and the CPU, and later processes load the cached library.
-Without a compiler, on another platform or with ``LOMIX_NATIVE=0`` everything runs through the PyTorch
-implementation, which computes the same values (the tests compare both). Results do not depend on the thread count.
+store no map (see ``benchmarks/``). They are plain C99 without Python or torch headers: the first use compiles them
+with the system C compiler (``$CC`` or ``cc``, about a second) into a cache directory, keyed by the source, the flags
+and the CPU, and later processes load the cached library. Built with OpenMP they run on torch's own thread team.
+Without a compiler, on Windows, or with ``LOMIX_NATIVE=0`` everything runs through the PyTorch implementation, which
+computes the same values (the tests compare both). Results do not depend on the thread count.
 
 Environment:
     ``LOMIX_NATIVE``: ``0`` switches the kernels off.
     ``LOMIX_CACHE_DIR``: where to keep the compiled library (default ``$XDG_CACHE_HOME/lomix_lightning`` or
-    ``~/.cache/lomix_lightning``).
+    ``~/.cache/lomix_lightning``; a per-user temporary directory if that is not writable).
     ``CC``: the C compiler.
 
 Example:
