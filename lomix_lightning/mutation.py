@@ -131,12 +131,10 @@ class CombinatorialMutation(nn.Module):
             return self._incidence.to(dtype), None
         if op not in ("cat", "awf"):
             return None, None
-        convs, index = (self.cat, self._cat_index) if op == "cat" else (self.awf, self._awf_index)
-        rows = sum(conv.out_channels for conv in convs.values())
-        num_in = self.num_outputs * self.num_classes
-        flat = torch.cat([conv.weight.reshape(-1) for conv in convs.values()]).to(dtype)
+        flat, bias = self.packed_parameters(op, dtype)
+        index = self._cat_index if op == "cat" else self._awf_index
+        rows, num_in = bias.shape[0], self.num_outputs * self.num_classes
         weight = flat.new_zeros(rows * num_in).index_copy(0, index, flat)
-        bias = torch.cat([conv.bias for conv in convs.values()]).to(dtype)
         return weight.view(rows, num_in), bias
 
     def packed_parameters(self, op: str, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:

@@ -7,6 +7,7 @@ written by hand: it keeps the softmax of a few groups and recomputes the rest ch
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections.abc import Sequence
@@ -59,19 +60,29 @@ def lomix_ce_dice_stats(
         True
     """
     groups = ("original", *operators)
-    native = usable(stacked)
-    keep = tuple(not memory_efficient and not native and op in _KEPT for op in groups)
-    chunk = _chunk_size(stacked, len(mutation.subsets), memory_efficient)
-    if native:
-        c = stacked.shape[2]
-        layouts = {op: subset_layout(mutation.subsets, c, op if op in ("cat", "awf") else "none") for op in groups}
-        layouts["original"] = identity_layout(stacked.shape[1])
+    if usable(stacked):  # the kernels keep nothing and take the whole batch at once
+        layouts = _kernel_layouts(mutation.plan.subsets, stacked.shape[1], stacked.shape[2], groups)
         params = [p for op in operators for p in mutation.packed_parameters(op, stacked.dtype)]
+        plan = _EnginePlan(groups, mutation.plan, prepared, stacked.shape[0], (False,) * len(groups), layouts)
     else:
-        layouts = None
+        keep = tuple(not memory_efficient and op in _KEPT for op in groups)
+        chunk = _chunk_size(stacked, len(mutation.subsets), memory_efficient)
         params = [p for op in operators for p in mutation.dense_parameters(op, stacked.dtype)]
-    plan = _EnginePlan(groups, mutation.plan, prepared, chunk, keep, layouts)
+        plan = _EnginePlan(groups, mutation.plan, prepared, chunk, keep)
     return _LoMixStats.apply(plan, stacked.contiguous(), *params)
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel_layouts(
+    subsets: tuple[tuple[int, ...], ...], num_maps: int, num_classes: int, groups: tuple[str, ...]
+) -> tuple[GroupLayout, ...]:
+    """Per group, the kernels' layout (built once per configuration, not on every step)."""
+    return tuple(
+        identity_layout(num_maps)
+        if op == "original"
+        else subset_layout(subsets, num_classes, op if op in ("cat", "awf") else "none")
+        for op in groups
+    )
 
 
 _CPU_CHUNK_BYTES = 48 * 2**20
@@ -85,8 +96,9 @@ _KEPT = ("original", "cat")
 class _EnginePlan:
     """What :class:`_LoMixStats` computes: operator groups (``"original"`` first), target, chunking, kept groups.
 
-    ``native``: per group, the layout of the compiled CPU kernels (:mod:`lomix_lightning.native`), which then fuse
-    and score the maps (with the packed ``cat``/``awf`` parameters); ``None``: tensor operations.
+    ``native``: per group (in ``groups`` order), the layout of the compiled CPU kernels
+    (:mod:`lomix_lightning.native`), which then fuse and score the maps with the packed ``cat``/``awf``
+    parameters; ``None``: tensor operations.
     """
 
     groups: tuple[str, ...]
@@ -94,7 +106,7 @@ class _EnginePlan:
     prepared: CEDiceTarget
     chunk: int
     keep: tuple[bool, ...]
-    native: dict[str, GroupLayout] | None = None
+    native: tuple[GroupLayout, ...] | None = None
 
 
 class _LoMixStats(torch.autograd.Function):
@@ -187,7 +199,7 @@ def _native_specs(plan: _EnginePlan, params: Sequence[Tensor | None]) -> list[Gr
     specs = []
     for g, op in enumerate(plan.groups):
         weight, bias = (None, None) if op == "original" else params[2 * g - 2 : 2 * g]
-        specs.append(GroupSpec(_KERNEL_OP.get(op, op), plan.native[op], weight, bias))
+        specs.append(GroupSpec(_KERNEL_OP.get(op, op), plan.native[g], weight, bias))
     return specs
 
 
@@ -207,9 +219,9 @@ def _native_backward(
     prepared = plan.prepared
     outs = groups_grad(specs, stacked, grads, prepared.target, prepared.valid, grad_stacked)
     grad_params: list[Tensor | None] = []
-    for out, param_pair in zip(outs[1:], zip(params[0::2], params[1::2])):
-        for part, param in zip(out if out is not None else (None, None), param_pair):
-            grad_params.append(None if param is None or not param.requires_grad or part is None else part)
+    for out, weight, bias in zip(outs[1:], params[0::2], params[1::2]):  # out: cat/awf (grad weight, grad bias)
+        parts = out or (None, None)
+        grad_params += [part if p is not None and p.requires_grad else None for part, p in zip(parts, (weight, bias))]
     return grad_stacked, *grad_params
 
 

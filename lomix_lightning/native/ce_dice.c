@@ -65,7 +65,8 @@ static inline float log_poly(float x) {
 }
 
 /* Softmax of one block, unnormalised: e[c][j] = exp(z - max) (stride BLOCK) from z (class stride `stride`), the
- * reciprocal inv[j] of its sum (so p = e * inv, formed where it is used) and lse[j] = max + log(sum). */
+ * reciprocal inv[j] of its sum (so p = e * inv, formed where it is used) and, unless lse is NULL,
+ * lse[j] = max + log(sum). e may be z itself (stride BLOCK): each element is read before it is written. */
 static void softmax_block(const float *z, int64_t stride, int64_t c_count, int64_t width, float *e, float *lse,
                           float *inv) {
     float m[BLOCK], s[BLOCK];
@@ -85,7 +86,7 @@ static void softmax_block(const float *z, int64_t stride, int64_t c_count, int64
         }
     }
     for (int64_t j = 0; j < width; ++j) {
-        lse[j] = m[j] + log_poly(s[j]);
+        if (lse) lse[j] = m[j] + log_poly(s[j]);
         inv[j] = 1.0f / s[j];
     }
 }
@@ -207,26 +208,13 @@ static void fuse_block(const Group *g, int64_t image, int64_t k, int64_t j0, int
         conv_block(g->weight + g->woff[k], g->bias + g->boff[k], c_count, x, mem, size, c_count, n, width, f);
         return;
     }
-    if (g->op == OP_AWF) { /* scores, then their softmax over the members */
+    if (g->op == OP_AWF) { /* scores, then their softmax over the members (in place) */
+        float inv[BLOCK];
         conv_block(g->weight + g->woff[k], g->bias + g->boff[k], size, x, mem, size, c_count, n, width, att);
-        float m[BLOCK], total[BLOCK];
-        for (int64_t j = 0; j < width; ++j) m[j] = att[j];
-        for (int32_t i = 1; i < size; ++i) {
-            const float *ai = att + i * BLOCK;
-            for (int64_t j = 0; j < width; ++j) m[j] = ai[j] > m[j] ? ai[j] : m[j];
-        }
-        for (int64_t j = 0; j < width; ++j) total[j] = 0.0f;
+        softmax_block(att, BLOCK, size, width, att, NULL, inv);
         for (int32_t i = 0; i < size; ++i) {
             float *ai = att + i * BLOCK;
-            for (int64_t j = 0; j < width; ++j) {
-                ai[j] = exp_poly(ai[j] - m[j]);
-                total[j] += ai[j];
-            }
-        }
-        for (int64_t j = 0; j < width; ++j) total[j] = 1.0f / total[j];
-        for (int32_t i = 0; i < size; ++i) {
-            float *ai = att + i * BLOCK;
-            for (int64_t j = 0; j < width; ++j) ai[j] *= total[j];
+            for (int64_t j = 0; j < width; ++j) ai[j] *= inv[j];
         }
     }
     for (int64_t c = 0; c < c_count; ++c) {
