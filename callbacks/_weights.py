@@ -10,6 +10,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
@@ -42,6 +43,21 @@ def find_criterion(pl_module: nn.Module) -> LoMixLoss:
         f"{type(pl_module).__name__} holds no lomix_lightning.LoMixLoss: set `self.criterion = LoMixLoss(...)` in its"
         " __init__ (the weight callbacks read the learned weights from it)"
     )
+
+
+def setup_criterion(pl_module: nn.Module, callback: str, nothing_to_do: str, warned: set[str]) -> LoMixLoss:
+    """:func:`find_criterion`, warning once (remembered in ``warned``) when the loss's weights are fixed.
+
+    ``nothing_to_do`` completes the warning: what the callback ``callback`` has nothing of with fixed weights.
+    """
+    criterion = find_criterion(pl_module)
+    if not criterion.learnable and "fixed" not in warned:
+        warned.add("fixed")
+        rank_zero_warn(
+            f"{callback}: the LoMix loss uses fixed weights (scheme={criterion.scheme!r}); {nothing_to_do}, so this"
+            " callback does nothing."
+        )
+    return criterion
 
 
 def family_sums(weights: Sequence[float], families: Sequence[str]) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing_extensions import override
 
 from lomix_lightning.callbacks._loggers import bar_payload, send_figures
 from lomix_lightning.callbacks._plots import plot_weight_bars, save_png
-from lomix_lightning.callbacks._weights import find_criterion, output_dir, write_csv
+from lomix_lightning.callbacks._weights import output_dir, setup_criterion, write_csv
 from lomix_lightning.loss import LoMixLoss
 
 
@@ -104,13 +104,9 @@ class BestEpochWeightBarChart(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        self._criterion = find_criterion(pl_module)
-        if not self._criterion.learnable:
-            self._warn_once(
-                "fixed",
-                f"BestEpochWeightBarChart: the LoMix loss uses fixed weights (scheme={self._criterion.scheme!r});"
-                " there are no learned weights to chart, so this callback does nothing.",
-            )
+        self._criterion = setup_criterion(
+            pl_module, "BestEpochWeightBarChart", "there are no learned weights to chart", self._warned
+        )
 
     def improves(self, value: float) -> bool:
         """Whether ``value`` beats the best score (strictly; NaN never does).

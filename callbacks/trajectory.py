@@ -10,7 +10,6 @@ import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from lomix_lightning.callbacks._loggers import line_series_payload, send_figures
@@ -23,9 +22,9 @@ from lomix_lightning.callbacks._plots import (
 )
 from lomix_lightning.callbacks._weights import (
     family_sums,
-    find_criterion,
     log_scalars,
     output_dir,
+    setup_criterion,
     shares,
     weight_metrics,
     write_csv,
@@ -88,7 +87,7 @@ class WeightTrajectoryLogger(Callback):
         self.dirpath = dirpath
         self.history: dict[int, dict[str, Any]] = {}
         self._criterion: LoMixLoss | None = None
-        self._warned = False
+        self._warned: set[str] = set()
         self._last_step_logged = -1
         self._last_plotted: tuple[int, ...] | None = None
 
@@ -101,13 +100,9 @@ class WeightTrajectoryLogger(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        self._criterion = find_criterion(pl_module)
-        if not self._criterion.learnable and not self._warned:
-            rank_zero_warn(
-                f"WeightTrajectoryLogger: the LoMix loss uses fixed weights (scheme={self._criterion.scheme!r}); "
-                "there is no weight trajectory to log, so this callback does nothing."
-            )
-            self._warned = True
+        self._criterion = setup_criterion(
+            pl_module, "WeightTrajectoryLogger", "there is no weight trajectory to log", self._warned
+        )
         self._check_names()
 
     def _loss(self) -> LoMixLoss:

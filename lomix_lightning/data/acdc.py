@@ -15,10 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning.pytorch as pl
-from torch.utils.data import DataLoader
-
-from lomix_lightning.data._common import check_int, make_loader, read_list_file
+from lomix_lightning.data._common import check_int, read_list_file
+from lomix_lightning.data._medical import SliceVolumeDataModule
 from lomix_lightning.data.slices import SliceDataset
 from lomix_lightning.data.transforms import SeededTransform, medical_eval_transform, medical_train_transform
 from lomix_lightning.data.volumes import VolumeDataset
@@ -29,7 +27,7 @@ ACDC_CLASS_NAMES = ("background", "RV", "Myo", "LV")
 _LIST_NAMES = {"train": "train.txt", "valid": "valid.txt", "test": "test.txt"}
 
 
-class ACDCDataModule(pl.LightningDataModule):
+class ACDCDataModule(SliceVolumeDataModule):
     """ACDC slices for training/validation and whole short-axis volumes for testing (4 classes with background).
 
     Training slices get the same augmentation as Synapse
@@ -118,25 +116,3 @@ class ACDCDataModule(pl.LightningDataModule):
             self.test_set = VolumeDataset(
                 self.split_paths("test"), 4, image_key="img", return_spacing=self.return_spacing
             )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training slices."""
-        if self.train_set is None:
-            self.setup("fit")
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
-
-    def val_dataloader(self) -> DataLoader:
-        """Validation slices (resized only)."""
-        if self.val_set is None:
-            self.setup("validate")
-        return make_loader(self.val_set, self.batch_size, self.num_workers, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test volumes, one per batch."""
-        if self.test_set is None:
-            self.setup("test")
-        return make_loader(self.test_set, 1, self.num_workers, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test volumes."""
-        return self.test_dataloader()

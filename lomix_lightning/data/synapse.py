@@ -24,12 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-import lightning.pytorch as pl
 import numpy as np
-from torch.utils.data import DataLoader
 
-from lomix_lightning.data._common import check_fraction, check_int, make_loader, read_list_file, unique_in_order
+from lomix_lightning.data._common import check_fraction, check_int, read_list_file, unique_in_order
 from lomix_lightning.data._io import load_arrays
+from lomix_lightning.data._medical import SliceVolumeDataModule
 from lomix_lightning.data.slices import SliceDataset
 from lomix_lightning.data.splits import select_cases
 from lomix_lightning.data.transforms import SeededTransform, medical_eval_transform, medical_train_transform
@@ -94,7 +93,7 @@ def _case_of(slice_name: str, list_file: Path) -> str:
     return slice_name.rsplit("_slice", 1)[0]
 
 
-class SynapseDataModule(pl.LightningDataModule):
+class SynapseDataModule(SliceVolumeDataModule):
     """Synapse slices for training/validation and whole CT volumes for testing.
 
     * Train: slices of the training cases, with the reference augmentation
@@ -266,27 +265,3 @@ class SynapseDataModule(pl.LightningDataModule):
             self.test_set = VolumeDataset(
                 paths, self.num_classes, lut=lut, case_names=self.test_case_names, return_spacing=self.return_spacing
             )
-
-    def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training slices."""
-        if self.train_set is None:
-            self.setup("fit")
-        return make_loader(self.train_set, self.batch_size, self.num_workers, shuffle=True, seed=self.seed)
-
-    def val_dataloader(self) -> DataLoader | list:
-        """Slices of the held-out training cases (an empty list when ``val_cases=[]``)."""
-        if self.val_set is None:
-            self.setup("validate")
-        if len(self.val_set) == 0:
-            return []
-        return make_loader(self.val_set, self.batch_size, self.num_workers, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        """Test volumes, one per batch."""
-        if self.test_set is None:
-            self.setup("test")
-        return make_loader(self.test_set, 1, self.num_workers, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        """The test volumes."""
-        return self.test_dataloader()

@@ -52,15 +52,7 @@ def medical_train_transform(img_size: int) -> A.Compose:
         [A.RandomRotate90(p=1.0), A.OneOf([A.HorizontalFlip(p=1.0), A.VerticalFlip(p=1.0)], p=1.0)],
         p=2 / 3,  # OneOf weight: 0.75 * 2/3 = 0.5 overall
     )
-    rotate = A.Rotate(
-        limit=(-20, 20),
-        interpolation=cv2.INTER_LINEAR,
-        mask_interpolation=cv2.INTER_NEAREST,
-        border_mode=cv2.BORDER_CONSTANT,
-        fill=0,
-        fill_mask=0,
-        p=1 / 3,  # OneOf weight: 0.75 * 1/3 = 0.25 overall
-    )
+    rotate = _rotate(20, p=1 / 3)  # OneOf weight: 0.75 * 1/3 = 0.25 overall
     return A.Compose(
         [
             A.OneOf([rot_flip, rotate], p=0.75),
@@ -114,15 +106,7 @@ def folder_train_transform(img_size: int, augment: bool = True) -> A.Compose:
     steps: list = [A.Resize(img_size, img_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)]
     if augment:
         steps += [
-            A.Rotate(
-                limit=(-90, 90),
-                interpolation=cv2.INTER_LINEAR,
-                mask_interpolation=cv2.INTER_NEAREST,
-                border_mode=cv2.BORDER_CONSTANT,
-                fill=0,
-                fill_mask=0,
-                p=1.0,
-            ),
+            _rotate(90, p=1.0),
             A.HorizontalFlip(p=0.5),
             A.VerticalFlip(p=0.5),
         ]
@@ -183,3 +167,16 @@ class SeededTransform:
         self._maybe_reseed()
         out = self.transform(image=image, mask=mask)
         return out["image"], out["mask"]
+
+
+def _rotate(degrees: float, p: float) -> A.Rotate:
+    """A rotation by up to ``degrees`` either way: bilinear image, nearest-neighbour mask, zero-filled corners."""
+    return A.Rotate(
+        limit=(-degrees, degrees),
+        interpolation=cv2.INTER_LINEAR,
+        mask_interpolation=cv2.INTER_NEAREST,
+        border_mode=cv2.BORDER_CONSTANT,
+        fill=0,
+        fill_mask=0,
+        p=p,
+    )
