@@ -9,17 +9,23 @@ import pytest
 
 TESTS = Path(__file__).parent
 
-FAST = [
+DATA = [
     "--trainer.limit_train_batches=2",
     "--trainer.limit_val_batches=1",
     "--data.init_args.num_train=16",
     "--data.init_args.num_val=8",
     "--data.init_args.image_size=32",
     "--data.init_args.batch_size=4",
-    "--model.init_args.network.init_args.base_channels=4",
-    "--model.init_args.network.init_args.depth=3",
     "--model.init_args.hd95=false",
 ]
+"""A short demo run, for any network."""
+
+FAST = [
+    *DATA,
+    "--model.init_args.network.init_args.base_channels=4",
+    "--model.init_args.network.init_args.depth=3",
+]
+"""A short demo run with a tiny demo U-Net."""
 
 
 def lomix_command() -> list[str]:

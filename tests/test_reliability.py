@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from _subprocess import DATA, FAST
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
@@ -19,21 +20,6 @@ from lomix_lightning.cli import LoMixCLI, main
 from lomix_lightning.data import SyntheticShapesDataModule
 from lomix_lightning.models import UNet
 from lomix_lightning.mutation import CombinatorialMutation
-
-DATA = [
-    "--trainer.limit_train_batches=2",
-    "--trainer.limit_val_batches=1",
-    "--data.init_args.num_train=16",
-    "--data.init_args.num_val=8",
-    "--data.init_args.image_size=32",
-    "--data.init_args.batch_size=4",
-    "--model.init_args.hd95=false",
-]
-FAST = [
-    *DATA,
-    "--model.init_args.network.init_args.base_channels=4",
-    "--model.init_args.network.init_args.depth=3",
-]
 
 
 @pytest.fixture(autouse=True)

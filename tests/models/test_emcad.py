@@ -2,14 +2,11 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _networks import checked_prediction_network, num_params
 
 from lomix_lightning.models import EMCADNet
 from lomix_lightning.models.emcad import EMCADDecoder
 from lomix_lightning.models.emcad_blocks import CAB, EUCB, LGAG, MSCB, SAB, channel_shuffle
-
-
-def _num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _analytic_decoder_params(channels, num_classes):
@@ -29,11 +26,11 @@ def test_pvt_v2_b2_parameter_count_matches_the_paper():
     decoder, heads = _analytic_decoder_params((512, 320, 128, 64), num_classes=9)
     assert decoder == 1_913_515  # reference-implementation.md section 2.1
     assert heads == 9_252
-    assert _num_params(net.decoder) == decoder
-    assert _num_params(net.heads) == heads
-    assert _num_params(net.encoder.stem) == 12
-    assert _num_params(net.encoder.backbone) == 24_849_856
-    total = _num_params(net)
+    assert num_params(net.decoder) == decoder
+    assert num_params(net.heads) == heads
+    assert num_params(net.encoder.stem) == 12
+    assert num_params(net.encoder.backbone) == 24_849_856
+    total = num_params(net)
     assert total == 24_849_856 + 1_913_515 + 9_252 + 12 == 26_772_635
     assert abs(total - 26.76e6) / 26.76e6 < 0.01  # EMCAD / LoMix paper: 26.76 M
 
@@ -42,8 +39,8 @@ def test_pvt_v2_b0_forward_at_64():
     torch.manual_seed(0)
     net = EMCADNet(num_classes=4, encoder="pvt_v2_b0", in_channels=1)
     decoder, heads = _analytic_decoder_params((256, 160, 64, 32), num_classes=4)
-    assert _num_params(net.decoder) == decoder
-    assert _num_params(net.heads) == heads
+    assert num_params(net.decoder) == decoder
+    assert num_params(net.heads) == heads
     outputs = net(torch.randn(2, 1, 64, 64))
     assert net.num_outputs == len(outputs) == 4
     assert [tuple(p.shape) for p in outputs] == [(2, 4, 2, 2), (2, 4, 4, 4), (2, 4, 8, 8), (2, 4, 16, 16)]
@@ -149,14 +146,8 @@ def test_final_prediction_network_and_types():
     net = EMCADNet(num_classes=3, encoder="test_convnext", in_channels=1)
     x = torch.randn(2, 1, 32, 32)
     assert type(net.train()(x)) is list
-    net.eval()
-    with torch.no_grad():
-        outputs = net(x)
-        assert type(outputs) is list
-        torch.testing.assert_close(net.forward_final(x), outputs[-1])
-        pred = net.prediction_network()
-        torch.testing.assert_close(pred(x), outputs[-1])
-    assert _num_params(pred) == _num_params(net) - _num_params(net.auxiliary_heads())
+    pred = checked_prediction_network(net, x)
+    assert num_params(pred) == num_params(net) - num_params(net.auxiliary_heads())
     assert len(net.auxiliary_heads()) == 3
     assert {p.data_ptr() for p in pred.parameters()} <= {p.data_ptr() for p in net.parameters()}
 

@@ -4,15 +4,12 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from _networks import checked_prediction_network, fit_losses, num_params
 
 from lomix_lightning.models import MultiScaleSMP
 from lomix_lightning.models.smp import SUPPORTED_ARCHS
 
 TINY = "tu-test_resnet"  # timm's 0.37 M-parameter test ResNet through smp's timm-universal encoder
-
-
-def _num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.mark.parametrize(
@@ -88,12 +85,8 @@ def test_gradients_reach_every_head_and_types_match():
 def test_forward_final_and_prediction_network():
     net = MultiScaleSMP("FPN", TINY, num_classes=2, in_channels=1, num_outputs=4).eval()
     x = torch.randn(2, 1, 64, 64)
-    with torch.no_grad():
-        last = net(x)[-1]
-        torch.testing.assert_close(net.forward_final(x), last)
-        pred = net.prediction_network()
-        torch.testing.assert_close(pred(x), last)
-    assert _num_params(pred) == _num_params(net) - _num_params(net.auxiliary_heads()) == _num_params(net.model)
+    pred = checked_prediction_network(net, x)
+    assert num_params(pred) == num_params(net) - num_params(net.auxiliary_heads()) == num_params(net.model)
     assert len(net.auxiliary_heads()) == 3
     assert {p.data_ptr() for p in pred.parameters()} == {p.data_ptr() for p in net.model.parameters()}
 
@@ -107,7 +100,7 @@ def test_from_model_keeps_the_weights():
         torch.testing.assert_close(net(x)[-1], expected)
     assert net.model is model
     assert (net.num_classes, net.in_channels, net.num_outputs, net.arch) == (3, 1, 3, "Unet")
-    assert _num_params(net) == _num_params(model) + _num_params(net.heads)
+    assert num_params(net) == num_params(model) + num_params(net.heads)
 
 
 def test_hooks_live_only_during_forward_and_deepcopy_works(monkeypatch):
@@ -173,12 +166,5 @@ def test_short_fit_lowers_the_loss():
     smooth = F.interpolate(torch.randn(4, 1, 4, 4), size=(32, 32), mode="bilinear")
     x = smooth + 0.1 * torch.randn(4, 1, 32, 32)
     y = (smooth[:, 0] > 0).long()
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(25):
-        optimizer.zero_grad()
-        loss = F.cross_entropy(net(x)[-1], y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_losses(net, x, y)
     assert losses[-1] < 0.5 * losses[0]

@@ -2,12 +2,9 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from _networks import checked_prediction_network, fit_losses, num_params
 
 from lomix_lightning.models import TimmUNet
-
-
-def _num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.mark.parametrize(
@@ -52,15 +49,9 @@ def test_train_eval_final_and_prediction_network():
     net = TimmUNet("test_resnet", num_classes=2, in_channels=1, decoder_channels=(16, 8, 8, 4))
     x = torch.randn(2, 1, 32, 32)
     assert type(net.train()(x)) is list
-    net.eval()
-    with torch.no_grad():
-        outputs = net(x)
-        assert type(outputs) is list
-        torch.testing.assert_close(net.forward_final(x), outputs[-1])
-        pred = net.prediction_network()
-        torch.testing.assert_close(pred(x), outputs[-1])
-    assert _num_params(pred) == _num_params(net) - _num_params(net.auxiliary_heads())
-    assert _num_params(net.auxiliary_heads()) == (16 * 2 + 2) + (8 * 2 + 2) + (8 * 2 + 2)
+    pred = checked_prediction_network(net, x)
+    assert num_params(pred) == num_params(net) - num_params(net.auxiliary_heads())
+    assert num_params(net.auxiliary_heads()) == (16 * 2 + 2) + (8 * 2 + 2) + (8 * 2 + 2)
     assert {p.data_ptr() for p in pred.parameters()} <= {p.data_ptr() for p in net.parameters()}
 
 
@@ -88,13 +79,5 @@ def test_short_fit_lowers_the_loss():
     smooth = F.interpolate(torch.randn(4, 1, 4, 4), size=(32, 32), mode="bilinear")
     x = smooth + 0.1 * torch.randn(4, 1, 32, 32)
     y = (smooth[:, 0] > 0).long()  # blobs: learnable at the 1/2-resolution output
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(25):
-        optimizer.zero_grad()
-        logits = net(x)[-1]  # 1/2 resolution: upsample like the loss module does
-        loss = F.cross_entropy(F.interpolate(logits, size=x.shape[-2:], mode="bilinear"), y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_losses(net, x, y)  # the last map is at 1/2 resolution: upsampled like the loss module does
     assert losses[-1] < 0.5 * losses[0]

@@ -1,12 +1,8 @@
 import pytest
 import torch
-import torch.nn.functional as F
+from _networks import checked_prediction_network, fit_losses, num_params
 
 from lomix_lightning.models import UNet
-
-
-def _num_params(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def _double_conv_params(c_in: int, c_out: int) -> int:
@@ -43,7 +39,7 @@ def test_parameter_count_matches_hand_count(up_mode):
     else:
         decoder = _double_conv_params(16 + 8, 8) + _double_conv_params(8 + 4, 4)
     heads = (8 * 2 + 2) + (4 * 2 + 2)
-    assert _num_params(net) == encoder + decoder + heads
+    assert num_params(net) == encoder + decoder + heads
 
 
 def test_gradients_reach_every_head():
@@ -66,12 +62,8 @@ def test_train_and_eval_return_the_same_type():
 def test_forward_final_and_prediction_network_match_last_map():
     net = UNet(in_channels=1, num_classes=3, base_channels=4, depth=3).eval()
     x = torch.randn(2, 1, 24, 24)
-    with torch.no_grad():
-        last = net(x)[-1]
-        torch.testing.assert_close(net.forward_final(x), last)
-        pred = net.prediction_network()
-        torch.testing.assert_close(pred(x), last)
-    assert _num_params(pred) == _num_params(net) - _num_params(net.auxiliary_heads())
+    pred = checked_prediction_network(net, x)
+    assert num_params(pred) == num_params(net) - num_params(net.auxiliary_heads())
     assert len(net.auxiliary_heads()) == net.num_outputs - 1
     # shared, not copied
     pred_ptrs = {p.data_ptr() for p in pred.parameters()}
@@ -105,12 +97,5 @@ def test_short_fit_lowers_the_loss():
     net = UNet(in_channels=1, num_classes=2, base_channels=4, depth=2)
     x = torch.randn(4, 1, 16, 16)
     y = (x[:, 0] > 0).long()  # a per-pixel threshold the network can learn
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(25):
-        optimizer.zero_grad()
-        loss = F.cross_entropy(net(x)[-1], y)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = fit_losses(net, x, y)
     assert losses[-1] < 0.5 * losses[0]
