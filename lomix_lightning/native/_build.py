@@ -73,12 +73,10 @@ def _load() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
         return None
-    errors = []
+    errors, source, machine, cache = [], _SOURCE.read_bytes(), _cpu_id().encode(), _cache_dir()
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(
-            b"\0".join([_SOURCE.read_bytes(), " ".join(flags).encode(), compiler.encode(), _cpu_id().encode()])
-        ).hexdigest()[:16]
-        target = _cache_dir() / f"ce_dice-{key}.so"
+        key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), compiler.encode(), machine])).hexdigest()
+        target = cache / f"ce_dice-{key[:16]}.so"
         try:
             if not target.exists():
                 _compile(compiler, flags, target)
