@@ -231,11 +231,16 @@ class LoMixLoss(nn.Module):
 
         Returns:
             A :class:`LoMixLossOutput`.
+
+        Raises:
+            TypeError: If ``outputs`` is not a list of tensors or ``target`` not a tensor (integer for ``ce_dice``).
+            ValueError: On a wrong number, shape or channel count of maps, outputs and target on different devices
+                (both named), an empty batch (refused whichever engine would run), or labels out of range.
         """
-        device = outputs[0].device if isinstance(outputs, Sequence) and len(outputs) else torch.device("cpu")
-        with full_precision(device):
+        self.mutation.validate(outputs)
+        _check_devices_and_batch(outputs, target)
+        with full_precision(outputs[0].device):
             if self.scheme == "last_layer":
-                self.mutation.validate(outputs)
                 size = self.mutation.output_size(outputs)
                 stacked = upsample_to([outputs[-1]], size, fusion_dtype(outputs[-1].dtype))[0].unsqueeze(1)
                 operators, unused = (), outputs[:-1]
@@ -280,4 +285,24 @@ class LoMixLoss(nn.Module):
         return (
             f"scheme={self.scheme!r}, num_outputs={self.num_outputs}, num_classes={self.num_classes}, "
             f"operators={list(self.operators)}, maps={self.num_maps}, loss={self.loss_name!r}"
+        )
+
+
+def _check_devices_and_batch(outputs: Sequence[Tensor], target: Tensor) -> None:
+    """One device for every output and the target, and a non-empty batch (both engines refuse B = 0 alike)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a Tensor of class indices, got {type(target).__name__}")
+    devices = [str(out.device) for out in outputs]
+    if len(set(devices)) > 1:
+        where = ", ".join(f"P{i + 1} on {device}" for i, device in enumerate(devices))
+        raise ValueError(f"the outputs are on different devices ({where}); move them to one device")
+    if target.device != outputs[0].device:
+        raise ValueError(
+            f"the outputs are on {outputs[0].device} but the target is on {target.device}; "
+            "move the target to the outputs' device (e.g. target.to(outputs[0].device))"
+        )
+    if outputs[0].shape[0] == 0:
+        raise ValueError(
+            f"the batch is empty: the outputs have batch size 0 (P1 shape {tuple(outputs[0].shape)}); "
+            "a loss over no image is undefined; skip empty batches before the loss"
         )

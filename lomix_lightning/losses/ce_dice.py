@@ -39,7 +39,7 @@ def ce_dice_target(
         (tensor([1., 0., 2.]), tensor(3.))
     """
     b, h, w = target.shape
-    target = target.long()
+    target = target.long().contiguous()  # a strided target (e.g. transposed) would give a strided mask
     valid = None
     if ignore_index is not None:
         keep = target != ignore_index  # (B, H, W)
@@ -145,7 +145,10 @@ def ce_dice_forward(
     """The softmax and the :func:`ce_dice_stats` statistics of ``(b, K, C, H, W)`` logits, no autograd.
 
     One softmax; ``log p_t = z_t - max_c z_c + log max_c p_c`` is the log-softmax at the target without a second
-    exponential pass; ``I`` comes from one batched product with the one-hot labels.
+    exponential pass; ``I`` comes from one batched product with the one-hot labels. Masked logits behave as in
+    ``F.cross_entropy``: a ``-inf`` in a class other than the target counts as probability 0, a ``-inf`` target
+    logit makes CE ``+inf``; ignored pixels (``valid == 0``) count in nothing, whatever their logits, and their
+    softmax is set to 0.
 
     Args:
         logits: ``(b, K, C, H, W)``.
@@ -162,13 +165,12 @@ def ce_dice_forward(
     index = target.view(b, 1, 1, h, w).expand(b, k, 1, h, w)
     log_p_target = logits.gather(2, index).sub_(logits.amax(dim=2, keepdim=True))
     log_p_target += p.amax(dim=2, keepdim=True).log_()  # (b, K, 1, H, W)
+    if valid is not None:  # an ignored pixel counts in nothing, whatever its logits (all -inf gives a NaN softmax)
+        ignored = (valid == 0).view(b, 1, 1, h, w)
+        p.masked_fill_(ignored, 0.0)
+        log_p_target.masked_fill_(ignored, 0.0)
     p_target = p.gather(2, index).view(b, k, h * w)
-    p_flat = p.view(b, k, c, h * w)
-    if valid is None:
-        squares = torch.linalg.vector_norm(p_flat, dim=3).square_().sum(dim=0)  # (K, C)
-    else:
-        squares = torch.linalg.vecdot(p_flat, p_flat * valid.view(b, 1, 1, h * w)).sum(dim=0)
-        log_p_target *= valid.view(b, 1, 1, h, w)
+    squares = torch.linalg.vector_norm(p.view(b, k, c, h * w), dim=3).square_().sum(dim=0)  # (K, C)
     ce_sum = -log_p_target.sum(dim=(0, 2, 3, 4))  # (K,)
     intersection = torch.bmm(p_target, onehot).sum(dim=0)  # (b, K, HW) @ (b, HW, C) -> (K, C)
     return p, torch.cat([ce_sum[:, None], intersection, squares], dim=1)
@@ -210,8 +212,8 @@ def ce_dice_backward(
     shift = g_ce - a_p - grad_z.sum(dim=2, keepdim=True)  # g - a_t p_t - sum_k b_k p_k^2
     grad_z.addcmul_(p, shift)
     grad_z.scatter_add_(2, index, a_p.sub_(g_ce))  # the y_c terms
-    if valid is not None:
-        grad_z.mul_(valid.view(b, 1, 1, h, w))
+    if valid is not None:  # zero, not multiplied by 0: an ignored pixel's softmax may be NaN (all logits -inf)
+        grad_z.masked_fill_((valid == 0).view(b, 1, 1, h, w), 0.0)
     return grad_z
 
 

@@ -248,10 +248,21 @@ static void load_target(const Group *g, int64_t image, int64_t j0, int64_t width
     }
 }
 
+/* An ignored pixel (v = 0) counts in nothing, whatever its logits (even all -inf, or NaN): its fused logits f are
+ * set to 0 before the softmax, so every term it adds is an exact 0 (as F.cross_entropy's ignore_index skips it). */
+static void clear_ignored(const Group *g, int64_t c_count, int64_t width, const float *v, float *f) {
+    if (!g->valid) return;
+    for (int64_t c = 0; c < c_count; ++c) {
+        float *fc = f + c * BLOCK;
+        for (int64_t j = 0; j < width; ++j) fc[j] = v[j] != 0.0f ? fc[j] : 0.0f;
+    }
+}
+
 /* CE + Dice statistics of every subset of the group on one tile: stats[tile] (K, 1 + 2C) double, per subset
  * [sum -log p_t, I_1..I_C, Q_1..Q_C]. Sums run per pixel lane (vectorisable) and are reduced in double per tile, so
- * the result does not depend on how tiles are shared among threads. A non-finite logit makes the CE sum NaN, as
- * the tensor implementation would (0 * inf is NaN). */
+ * the result does not depend on how tiles are shared among threads. Masked logits follow F.cross_entropy: a -inf
+ * in a class other than the target adds nothing to CE (the target logit is selected, never multiplied by 0), a -inf
+ * target logit makes CE +inf, a NaN or +inf logit makes it NaN; ignored pixels count in nothing. */
 static void group_forward(const Group *g, int64_t tile) {
     const int64_t c_count = g->c_count, width_stats = 1 + 2 * c_count;
     float f[MAX_CLASSES * BLOCK], p[MAX_CLASSES * BLOCK], att[MAX_MEMBERS * BLOCK], lse[BLOCK], v[BLOCK], inv[BLOCK];
@@ -267,18 +278,19 @@ static void group_forward(const Group *g, int64_t tile) {
         for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
             const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
             fuse_block(g, image, k, j0, width, f, att);
-            softmax_block(f, BLOCK, c_count, width, p, lse, inv);
             load_target(g, image, j0, width, t, v);
+            clear_ignored(g, c_count, width, v, f);
+            softmax_block(f, BLOCK, c_count, width, p, lse, inv);
             for (int64_t j = 0; j < width; ++j) acc_ce[j] += v[j] * lse[j];
             for (int64_t c = 0; c < c_count; ++c) {
                 const float *fc = f + c * BLOCK, *pc = p + c * BLOCK;
                 float *ai = acc_i + c * BLOCK, *aq = acc_q + c * BLOCK;
                 for (int64_t j = 0; j < width; ++j) {
                     const float pj = pc[j] * inv[j];
-                    float hit = t[j] == (int32_t)c ? v[j] : 0.0f;
-                    ai[j] += hit * pj;
+                    const int32_t hit = t[j] == (int32_t)c;
+                    ai[j] += hit ? v[j] * pj : 0.0f;
                     aq[j] += v[j] * pj * pj;
-                    acc_ce[j] -= hit * fc[j];
+                    acc_ce[j] -= hit ? v[j] * fc[j] : 0.0f; /* a select: 0 * -inf would be NaN */
                 }
             }
         }
@@ -325,8 +337,9 @@ static void group_backward(const Group *g, int64_t tile) {
         for (int64_t j0 = start; j0 < stop; j0 += BLOCK) {
             const int64_t width = stop - j0 < BLOCK ? stop - j0 : BLOCK;
             fuse_block(g, image, k, j0, width, f, att);
-            softmax_block(f, BLOCK, c_count, width, p, lse, inv);
             load_target(g, image, j0, width, t, v);
+            clear_ignored(g, c_count, width, v, f);
+            softmax_block(f, BLOCK, c_count, width, p, lse, inv);
             for (int64_t j = 0; j < width; ++j) apt[j] = shift[j] = 0.0f;
             for (int64_t c = 0; c < c_count; ++c) {
                 const float *pc = p + c * BLOCK;

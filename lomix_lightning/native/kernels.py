@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -10,7 +11,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lomix_lightning.native._build import _LOCK, _STATE, library
+from lomix_lightning.native._build import _LOCK, _STATE, library, unavailable_reason
+
+_log = logging.getLogger(__name__)
 
 MAX_CLASSES = 32
 """The kernels' class limit (``MAX_CLASSES`` in ``ce_dice.c``); more classes use the PyTorch implementation."""
@@ -89,16 +92,54 @@ def subset_layout(subsets: Sequence[Sequence[int]], num_classes: int = 1, rows: 
     )
 
 
+def unsupported(device: torch.device, dtype: torch.dtype, num_classes: int, num_maps: int) -> str | None:
+    """Why the kernels do not take ``num_maps`` maps of ``num_classes`` classes (``None``: they do, once loaded).
+
+    Example:
+        >>> unsupported(torch.device("cpu"), torch.float64, 3, 4)
+        'float64 maps (the kernels take float32)'
+    """
+    if device.type != "cpu":
+        return f"maps on {device.type}"
+    if dtype != torch.float32:
+        return f"{str(dtype).removeprefix('torch.')} maps (the kernels take float32)"
+    if num_classes > MAX_CLASSES:
+        return f"{num_classes} classes (the kernels take at most {MAX_CLASSES})"
+    if num_maps > MAX_MEMBERS:
+        return f"{num_maps} outputs (the kernels take at most {MAX_MEMBERS})"
+    return None
+
+
 def usable(logits: Tensor) -> bool:
-    """Whether the kernels take ``(b, L, C, H, W)`` maps: CPU float32, ``C <= 32``, ``L <= 16``, library loaded."""
-    return (
-        logits.device.type == "cpu"
-        and logits.dtype == torch.float32
-        and logits.ndim == 5
-        and logits.shape[1] <= MAX_MEMBERS
-        and logits.shape[2] <= MAX_CLASSES
-        and library() is not None
-    )
+    """Whether the kernels take ``(b, L, C, H, W)`` maps: CPU float32, ``C <= 32``, ``L <= 16``, library loaded.
+
+    Maps they do not take (float64, more classes or outputs) are legitimate and run on the PyTorch engine; that is
+    logged once per reason at INFO level (``lomix_lightning.native.kernels``), not warned about.
+    """
+    if logits.ndim != 5:
+        return False
+    why = unsupported(logits.device, logits.dtype, logits.shape[2], logits.shape[1])
+    if why is None:
+        return library() is not None
+    if logits.device.type == "cpu" and why not in _STATE.setdefault("noted", set()):
+        _STATE["noted"].add(why)
+        _log.info("lomix_lightning: the loss runs on the PyTorch engine for %s", why)
+    return False
+
+
+def engine(device: torch.device, dtype: torch.dtype, num_classes: int, num_maps: int) -> str:
+    """Which engine computes CE + Dice for such maps: ``"native"`` or ``"pytorch (<why>)"`` (loads the kernels).
+
+    Example:
+        >>> engine(torch.device("meta"), torch.float32, 3, 4)
+        'pytorch: maps on meta'
+    """
+    why = unsupported(device, dtype, num_classes, num_maps)
+    if why is None:
+        if library() is not None:
+            return "native"
+        why = unavailable_reason()
+    return f"pytorch: {why}"
 
 
 def _pointer(tensor: Tensor | None) -> int | None:
