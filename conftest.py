@@ -18,3 +18,14 @@ def _doctest_namespace(doctest_namespace):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The compiled kernels' doctests need them built (a C compiler), like ``needs_native`` in tests/test_native.py."""
+    native = [i for i in items if isinstance(i, pytest.DoctestItem) and i.name == "lomix_lightning.native"]
+    if native:
+        from lomix_lightning.native import library
+
+        if library() is None:
+            for item in native:
+                item.add_marker(pytest.mark.skip(reason="no C compiler: the native kernels are not built"))
