@@ -32,6 +32,7 @@ from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
 from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
 from lomix_lightning.metrics.summary import print_metrics_table
 from lomix_lightning.metrics.volume import evaluate_volume
+from lomix_lightning.native import engine as native_engine
 from lomix_lightning.weighting import WeightingName
 
 Operator = Literal["add", "mul", "cat", "awf"]
@@ -70,7 +71,8 @@ class LoMixSegmentationModule(pl.LightningModule):
         hd95_empty_rule: Empty-mask rule of HD95/Dice per case: ``transunet`` (the paper's tables) or ``nan``.
         img_size: Slice size used to predict volume test sets; ``None`` = the datamodule's ``img_size``.
         nonfinite_loss: ``raise`` an error naming the maps with a NaN/Inf loss, or ``skip`` the batch and count it
-            (one device-to-host sync per step).
+            (one device-to-host sync per step); a skipped batch leaves the model as it was: no optimizer step, and
+            every buffer (BatchNorm statistics) restored to its value before the batch's forward pass.
         memory_efficient: Passed to :class:`~lomix_lightning.LoMixLoss`: recompute every mutant and softmax in
             backward, one image at a time, instead of keeping them (lowest memory, same gradients).
 
@@ -146,6 +148,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         self.test_case_results: dict[str, np.ndarray] = {}
         self.skipped_batches = 0
         self._skip_update = False
+        self.engine: str | None = None  # the CE + Dice engine, known when fit starts
 
     # ------------------------------------------------------------------ construction helpers
     def _store_plain_hparams(self, network: nn.Module, optimizer: Any, lr_scheduler: Any) -> None:
@@ -285,6 +288,8 @@ class LoMixSegmentationModule(pl.LightningModule):
     @override
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
         image, mask = self._check_batch(batch)
+        # skip mode: the forward pass updates buffers (BatchNorm statistics); a skipped batch must not leave a trace
+        saved = [b.detach().clone() for b in self.buffers()] if self.hparams.nonfinite_loss == "skip" else None
         outputs = self._network_outputs(image, mask.shape[-2:])
         result = self.criterion(outputs, mask)
         local = not bool(torch.isfinite(result.total))
@@ -295,6 +300,9 @@ class LoMixSegmentationModule(pl.LightningModule):
             if self.hparams.nonfinite_loss == "raise":
                 raise FloatingPointError(message + "; set nonfinite_loss='skip' to skip such batches")
             self.skipped_batches += 1
+            with torch.no_grad():  # every buffer back to its value before this batch's forward pass
+                for buffer, value in zip(self.buffers(), saved):
+                    buffer.copy_(value)
             warnings.warn(message + "; batch skipped", stacklevel=2)
             self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
             if self._trainer is None or self.trainer.world_size <= 1:
@@ -327,6 +335,18 @@ class LoMixSegmentationModule(pl.LightningModule):
         if trainer is None or trainer.world_size <= 1:
             return flag
         return trainer.strategy.reduce_boolean_decision(flag, all=False)
+
+    @override
+    def on_fit_start(self) -> None:
+        """Log which CE + Dice engine trains this model as the ``engine`` hyper-parameter (native or pytorch: why)."""
+        if self.criterion is None or self.criterion.loss_name != "ce_dice":
+            self.engine = f"pytorch: loss={self.hparams.loss!r}"
+        else:
+            dtype = torch.promote_types(next(self.network.parameters(), torch.zeros(())).dtype, torch.float32)
+            maps = self.criterion.num_outputs
+            self.engine = native_engine(self.device, dtype, self.num_classes, maps)
+        for logger in self.loggers:
+            logger.log_hyperparams({"engine": self.engine})
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+import lomix_lightning.native as native
+
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 """The CPU always; a GPU when one is present (CI is CPU-only: the cuda cases are then absent, not skipped)."""
 
@@ -11,3 +13,12 @@ DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 def device(request) -> torch.device:
     """Each available device in turn: the PyTorch engine's GPU path is tested wherever a GPU exists."""
     return torch.device(request.param)
+
+
+@pytest.fixture(params=["native", "pytorch"])
+def loss_engine(request, monkeypatch, device) -> str:
+    """Each CE + Dice engine in turn, forced: ``LOMIX_NATIVE=1`` (the kernels: CPU only) or ``0`` (PyTorch)."""
+    if request.param == "native" and (device.type != "cpu" or native.library() is None):
+        pytest.skip("the compiled kernels run on the CPU and need a C compiler")
+    monkeypatch.setenv("LOMIX_NATIVE", "1" if request.param == "native" else "0")
+    return request.param

@@ -3,20 +3,10 @@
 import pytest
 import torch
 
-import lomix_lightning.native as native
 from lomix_lightning import LoMixLoss
 
 
-@pytest.fixture(params=["native", "pytorch"])
-def engine(request, monkeypatch, device):
-    """The engine under test, forced: ``LOMIX_NATIVE=1`` (kernels, CPU only) or ``0`` (PyTorch)."""
-    if request.param == "native" and (device.type != "cpu" or native.library() is None):
-        pytest.skip("the compiled kernels run on the CPU, with a C compiler")
-    monkeypatch.setenv("LOMIX_NATIVE", "1" if request.param == "native" else "0")
-    return request.param
-
-
-def test_a_strided_target_with_ignore_index_equals_its_contiguous_copy(engine, device):
+def test_a_strided_target_with_ignore_index_equals_its_contiguous_copy(loss_engine, device):
     gen = torch.Generator().manual_seed(0)
     loss = LoMixLoss(2, 3, ignore_index=255).to(device)
     outputs = [torch.randn(1, 3, 4, 4, generator=gen).to(device), torch.randn(1, 3, 8, 8, generator=gen).to(device)]
@@ -27,7 +17,7 @@ def test_a_strided_target_with_ignore_index_equals_its_contiguous_copy(engine, d
     torch.testing.assert_close(loss(outputs, strided).total, loss(outputs, strided.contiguous()).total)
 
 
-def test_outputs_and_target_on_different_devices_are_named(engine, device):
+def test_outputs_and_target_on_different_devices_are_named(loss_engine, device):
     outputs = [torch.randn(1, 3, 4, 4, device=device), torch.randn(1, 3, 8, 8, device=device)]
     target = torch.zeros(1, 8, 8, dtype=torch.long, device="meta")
     with pytest.raises(ValueError, match=f"the outputs are on {device} but the target is on meta"):
@@ -37,7 +27,7 @@ def test_outputs_and_target_on_different_devices_are_named(engine, device):
 
 
 @pytest.mark.parametrize("scheme", ["last_layer", "lomix"])
-def test_an_empty_batch_is_refused_by_both_engines_alike(engine, device, scheme):
+def test_an_empty_batch_is_refused_by_both_engines_alike(loss_engine, device, scheme):
     outputs = [torch.randn(0, 3, 4, 4, device=device), torch.randn(0, 3, 8, 8, device=device)]
     with pytest.raises(
         ValueError, match=r"the batch is empty: the outputs have batch size 0 \(P1 shape \(0, 3, 4, 4\)\)"

@@ -17,19 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lomix_lightning.native as native
 from lomix_lightning import LoMixLoss
 
 INF = float("inf")
-
-
-@pytest.fixture(params=["native", "pytorch"])
-def engine(request, monkeypatch, device):
-    """The engine under test, forced: ``LOMIX_NATIVE=1`` (kernels, CPU only) or ``0`` (PyTorch)."""
-    if request.param == "native" and (device.type != "cpu" or native.library() is None):
-        pytest.skip("the compiled kernels run on the CPU, with a C compiler")
-    monkeypatch.setenv("LOMIX_NATIVE", "1" if request.param == "native" else "0")
-    return request.param
 
 
 def _reference(logits, target, ignore_index=None, eps=1e-5):
@@ -74,7 +64,7 @@ def _inputs(seed=0, classes=3, ignore=False):
     return maps, target
 
 
-def test_minus_inf_in_a_class_other_than_the_target(engine, device):
+def test_minus_inf_in_a_class_other_than_the_target(loss_engine, device):
     maps, target = _inputs()
     t = int(target[0, 2, 3])
     maps[0][0, (t + 1) % 3, 2, 3] = -INF  # the issue's NaN on the kernels (0 * -inf)
@@ -84,7 +74,7 @@ def test_minus_inf_in_a_class_other_than_the_target(engine, device):
     _check(got, expected)
 
 
-def test_the_issue_example_on_one_map(engine, device):
+def test_the_issue_example_on_one_map(loss_engine, device):
     x = torch.zeros(1, 3, 2, 2, device=device)
     x[0, 2, 0, 0] = -INF
     per_map = LoMixLoss(1, 3)([x], torch.zeros(1, 2, 2, dtype=torch.long, device=device)).per_map
@@ -95,7 +85,7 @@ def test_the_issue_example_on_one_map(engine, device):
     )
 
 
-def test_a_whole_class_at_minus_inf(engine, device):
+def test_a_whole_class_at_minus_inf(loss_engine, device):
     maps, target = _inputs(seed=1)
     target = target.clamp(max=1)  # class 2 is forbidden and never the target
     maps[0][:, 2] = -INF
@@ -105,7 +95,7 @@ def test_a_whole_class_at_minus_inf(engine, device):
     _check(got, expected)
 
 
-def test_ignored_pixels_count_in_nothing_whatever_their_logits(engine, device):
+def test_ignored_pixels_count_in_nothing_whatever_their_logits(loss_engine, device):
     maps, target = _inputs(seed=2, ignore=True)
     ignored = target == 255
     maps[0].permute(0, 2, 3, 1)[ignored] = -INF  # every class -inf: a NaN softmax there
@@ -120,7 +110,7 @@ def test_ignored_pixels_count_in_nothing_whatever_their_logits(engine, device):
     torch.testing.assert_close(_both(clean, target, device, ignore_index=255)[0][0], got[0], rtol=1e-5, atol=1e-6)
 
 
-def test_minus_inf_in_the_target_class_is_an_infinite_loss(engine, device):
+def test_minus_inf_in_the_target_class_is_an_infinite_loss(loss_engine, device):
     maps, target = _inputs(seed=3)
     maps[0][1, int(target[1, 4, 5]), 4, 5] = -INF
     got, expected = _both(maps, target, device)

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import lightning.pytorch as pl
 import pytest
 import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
 
 import lomix_lightning.native as native
-from lomix_lightning import LoMixLoss
+from lomix_lightning import LoMixLoss, LoMixSegmentationModule
 from lomix_lightning.losses.ce_dice import ce_dice_backward, ce_dice_forward, ce_dice_target
+from lomix_lightning.models import UNet
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the kernels are not built")
 
@@ -98,3 +105,21 @@ def test_more_classes_than_the_kernels_take_use_the_tensor_path():
     out = LoMixLoss(2, native.MAX_CLASSES + 1)([logits[:, 0], logits[:, 1]], torch.zeros(1, 2, 2, dtype=torch.long))
     assert torch.isfinite(out.total)
     assert not native.usable(logits[:, :, :3].double())  # float64 (gradcheck) stays on the tensor path
+
+
+@pytest.mark.parametrize("mode", ["auto", "0"])
+def test_the_engine_in_use_is_a_logged_hyperparameter(tmp_path, monkeypatch, mode):
+    monkeypatch.setenv("LOMIX_NATIVE", mode)
+    model = LoMixSegmentationModule(UNet(1, 3, base_channels=4, depth=3), 3, hd95=False)
+    batches = [{"image": torch.randn(2, 1, 32, 32), "mask": torch.randint(0, 3, (2, 32, 32))}]
+    trainer = pl.Trainer(
+        max_steps=1, logger=CSVLogger(tmp_path), enable_checkpointing=False, enable_progress_bar=False,
+        num_sanity_val_steps=0, limit_val_batches=0, enable_model_summary=False, accelerator="cpu", devices=1,
+    )  # fmt: skip
+    trainer.fit(model, train_dataloaders=DataLoader(batches, batch_size=None))
+    expected = "native" if mode == "auto" and native.library() is not None else "pytorch: "
+    assert model.engine.startswith(expected)
+    if mode == "0":
+        assert model.engine == "pytorch: LOMIX_NATIVE=0"
+    logged = yaml.safe_load((Path(trainer.logger.log_dir) / "hparams.yaml").read_text())
+    assert logged["engine"] == model.engine and logged["num_classes"] == 3  # next to the module's own
