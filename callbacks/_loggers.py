@@ -51,9 +51,11 @@ def line_series_payload(
     """A ``wandb.plot.line_series`` of several curves over epochs, re-logged with the full history each time.
 
     Example:
+        >>> from types import SimpleNamespace
         >>> build = line_series_payload("lomix/chart/operator_sums", [0, 1], {"Add": [1.0, 0.5]}, "Add weight")
-        >>> callable(build)
-        True
+        >>> fake_wandb = SimpleNamespace(plot=SimpleNamespace(line_series=lambda **chart: chart))  # records the call
+        >>> build(fake_wandb)["lomix/chart/operator_sums"]
+        {'xs': [0, 1], 'ys': [[1.0, 0.5]], 'keys': ['Add'], 'title': 'Add weight', 'xname': 'epoch'}
     """
 
     def build(wandb: Any) -> dict[str, Any]:

@@ -73,7 +73,8 @@ class LoMixLoss(nn.Module):
     ``LOMIX_NATIVE=0``, tensor operations do (same values).
 
     Args:
-        num_outputs: Number ``L`` of maps the network returns (coarse to fine; the last is the prediction).
+        num_outputs: Number ``L`` of maps the network returns (coarse to fine; the last is the prediction). With
+            ``L = 1`` no subset has two maps, so operators add no mutant and every scheme supervises ``P1`` alone.
         num_classes: Number ``C`` of classes (1 for binary segmentation with the ``structure`` loss).
         scheme: Supervision scheme, see the table.
         operators: Operators to apply, overriding the scheme's (``None`` keeps them).

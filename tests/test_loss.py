@@ -41,9 +41,9 @@ def _structure_reference(pred, mask):
     return torch.stack(out).mean()
 
 
-def test_ce_dice_matches_reference_and_batches():
-    logits = torch.randn(3, 5, 4, 6, 6)  # (B, M, C, H, W)
-    target = torch.randint(0, 4, (3, 6, 6))
+def test_ce_dice_matches_reference_and_batches(device):
+    logits = torch.randn(3, 5, 4, 6, 6, device=device)  # (B, M, C, H, W)
+    target = torch.randint(0, 4, (3, 6, 6), device=device)
     batched = ce_dice_loss(logits, target)
     assert batched.shape == (5,)
     for m in range(5):
@@ -60,9 +60,9 @@ def test_ce_dice_coefficients_and_absent_class():
     torch.testing.assert_close(dice_only, _dice_reference(logits, target))
 
 
-def test_ce_dice_ignore_index():
-    logits = torch.randn(2, 3, 4, 4)
-    target = torch.randint(0, 3, (2, 4, 4))
+def test_ce_dice_ignore_index(device):
+    logits = torch.randn(2, 3, 4, 4, device=device)
+    target = torch.randint(0, 3, (2, 4, 4), device=device)
     target_ignored = target.clone()
     target_ignored[:, 0] = 255
     got = ce_dice_loss(logits, target_ignored, ignore_index=255)
@@ -96,10 +96,10 @@ def _loop_total(loss, outputs, target):
 
 
 @pytest.mark.parametrize("scheme", ["last_layer", "deep_supervision", "mutation", "lomix"])
-def test_total_equals_plain_loop(scheme):
-    loss = LoMixLoss(3, 4, scheme=scheme)
-    outputs = [torch.randn(2, 4, s, s) for s in (4, 8, 16)]
-    target = torch.randint(0, 4, (2, 16, 16))
+def test_total_equals_plain_loop(scheme, loss_engine, device):
+    loss = LoMixLoss(3, 4, scheme=scheme).to(device)
+    outputs = [torch.randn(2, 4, s, s, device=device) for s in (4, 8, 16)]
+    target = torch.randint(0, 4, (2, 16, 16), device=device)
     result = loss(outputs, target)
     torch.testing.assert_close(result.total, _loop_total(loss, outputs, target), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(result.total, result.original + result.mutant)

@@ -4,18 +4,27 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import lomix_lightning.native as native
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule
 from lomix_lightning.models import UNet
 
 
-def _setup(scheme="lomix", num_classes=3, ignore_index=None, dtype=torch.float32, seed=0):
+@pytest.fixture(autouse=True)
+def _pytorch_engine(monkeypatch):
+    """``memory_efficient`` only changes the PyTorch engine (the CPU kernels keep nothing either way): pin it here,
+    or every comparison below would compare the kernels with themselves."""
+    monkeypatch.setenv("LOMIX_NATIVE", "0")
+    assert native.engine(torch.device("cpu"), torch.float32, 3, 4) == "pytorch: LOMIX_NATIVE=0"
+
+
+def _setup(scheme="lomix", num_classes=3, ignore_index=None, dtype=torch.float32, seed=0, device="cpu"):
     torch.manual_seed(seed)
-    outputs = [torch.randn(3, num_classes, s, s, dtype=dtype) for s in (4, 8, 16, 16)]
+    outputs = [torch.randn(3, num_classes, s, s, dtype=dtype).to(device) for s in (4, 8, 16, 16)]
     high = num_classes + (1 if ignore_index is not None else 0)
     target = torch.randint(0, high, (3, 16, 16))
     if ignore_index is not None:
         target[target == num_classes] = ignore_index
-    return outputs, target
+    return outputs, target.to(device)
 
 
 def _run(loss, outputs, target):
@@ -40,9 +49,9 @@ def _twins(**kwargs):
 
 @pytest.mark.parametrize("scheme", ["last_layer", "deep_supervision", "mutation", "lomix"])
 @pytest.mark.parametrize("ignore_index", [None, 255])
-def test_same_total_and_gradients(scheme, ignore_index):
-    keep, lean = _twins(scheme=scheme, ignore_index=ignore_index)
-    outputs, target = _setup(ignore_index=ignore_index)
+def test_same_total_and_gradients(scheme, ignore_index, device):
+    keep, lean = (loss.to(device) for loss in _twins(scheme=scheme, ignore_index=ignore_index))
+    outputs, target = _setup(ignore_index=ignore_index, device=device)
     total_keep, per_map_keep, grads_keep = _run(keep, outputs, target)
     total_lean, per_map_lean, grads_lean = _run(lean, outputs, target)
     torch.testing.assert_close(total_lean, total_keep, rtol=1e-5, atol=1e-6)
@@ -52,10 +61,10 @@ def test_same_total_and_gradients(scheme, ignore_index):
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_recompute_against_plain_autograd():
+def test_recompute_against_plain_autograd(device):
     """Gradients of the recomputing engine against autograd through a plain loop over the fused maps."""
-    _, lean = _twins()
-    outputs, target = _setup()
+    lean = _twins()[1].to(device)
+    outputs, target = _setup(device=device)
     total, _, grads = _run(lean, outputs, target)
     leaves = [o.clone().requires_grad_() for o in outputs]
     maps = lean.mutation(leaves)
@@ -97,9 +106,9 @@ def test_backward_twice_with_retained_graph(memory_efficient):
         torch.testing.assert_close(leaf.grad, 2 * grad)
 
 
-def test_no_grad_and_inference_mode_give_the_same_total():
-    keep, lean = _twins()
-    outputs, target = _setup()
+def test_no_grad_and_inference_mode_give_the_same_total(device):
+    keep, lean = (loss.to(device) for loss in _twins())
+    outputs, target = _setup(device=device)
     expected = keep(outputs, target).total.detach()
     with torch.no_grad():
         torch.testing.assert_close(lean(outputs, target).total, expected)

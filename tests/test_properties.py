@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -93,19 +94,16 @@ def test_loss_engine_is_total_finite_and_counts_maps(case):
 
 
 @pytest.mark.parametrize("operator", OPERATORS)
-def test_one_output_with_an_operator_is_rejected_or_works(operator):
-    """With L = 1 there is no subset to fuse: either refuse at construction, naming num_outputs, or supervise P1."""
-    try:
-        loss = LoMixLoss(1, 3, scheme="deep_supervision", operators=[operator])
-    except ValueError as caught:
-        message = str(caught)
-    else:
-        message = None
-    if message is not None:
-        assert "num_outputs" in message
-        return
+def test_one_output_with_an_operator_supervises_p1_alone(operator):
+    """With L = 1 no subset has two maps, so an operator adds no mutant (as the default scheme does with one output):
+    the loss is P1's CE + Dice, not an error (the module refuses single-map networks for multi-map schemes itself)."""
+    loss = LoMixLoss(1, 3, scheme="deep_supervision", operators=[operator])
     output = torch.randn(2, 3, 4, 4, requires_grad=True)
-    result = loss([output], torch.randint(0, 3, (2, 4, 4)))
+    target = torch.randint(0, 3, (2, 4, 4))
+    result = loss([output], target)
     assert loss.map_names == ["P1"] and result.per_map.shape == (1,)
+    p, y = output.softmax(dim=1), F.one_hot(target, 3).permute(0, 3, 1, 2).float()
+    dice = 1 - ((2 * (p * y).sum((0, 2, 3)) + 1e-5) / ((p * p).sum((0, 2, 3)) + y.sum((0, 2, 3)) + 1e-5)).mean()
+    torch.testing.assert_close(result.total, 0.3 * F.cross_entropy(output, target) + 0.7 * dice)
     result.total.backward()
-    assert torch.isfinite(output.grad).all()
+    assert torch.isfinite(output.grad).all() and output.grad.abs().sum() > 0
