@@ -16,8 +16,8 @@ outputs, a GPU) with one INFO log line per reason. :func:`engine` names the engi
 it as the ``engine`` hyper-parameter).
 
 Environment:
-    ``LOMIX_NATIVE``: unset or ``auto`` (the kernels when they can be used), ``0`` (off), ``1`` (force: an error
-    naming the reason instead of the fallback).
+    ``LOMIX_NATIVE``: unset or ``auto`` (the kernels when they can be used), ``0`` (off), ``1`` (force: kernels
+    that cannot be built or loaded are an error naming the reason; maps they do not take still use PyTorch).
     ``LOMIX_CACHE_DIR``: where to keep the compiled library (default ``$XDG_CACHE_HOME/lomix_lightning`` or
     ``~/.cache/lomix_lightning``, else a per-user directory in the temporary directory).
     ``CC``: the C compiler, with flags if wanted (``CC='gcc -m64'``: the first word is the program).
