@@ -149,6 +149,9 @@ class LoMixLoss(nn.Module):
         self.memory_efficient = memory_efficient
         self.ce_weight, self.dice_weight = float(ce_weight), float(dice_weight)
         self.loss_name, self._per_map_loss = self._build_loss(loss, ce_weight, dice_weight, ignore_index)
+        # The full weight vector of the last forward, detached: under FSDP the parameters outside forward are this
+        # rank's shard (a plain attribute: FSDP neither shards nor gathers it, DDP does not broadcast it).
+        self._last_weights: Tensor | None = None
 
     def _build_loss(
         self, loss: LossName | PerMapLoss, ce_weight: float, dice_weight: float, ignore_index: int | None
@@ -190,9 +193,34 @@ class LoMixLoss(nn.Module):
         """The ``(M,)`` current weights."""
         return self.weighting()
 
+    def current_weights(self) -> Tensor:
+        """The ``(M,)`` current weights, detached, also where the parameters are sharded (FSDP).
+
+        The live :meth:`weights` when they are whole; where a sharding strategy leaves this rank only a shard of
+        the weight parameters outside forward (FSDP with ``use_orig_params=True``: ``alpha`` of shape ``(0,)`` on
+        some ranks), the full weights of the last forward (with the values of before the last optimizer step if
+        no forward ran since). No collective call, so any rank may call it alone.
+
+        Raises:
+            RuntimeError: If the weights are sharded and no forward has run yet.
+
+        Example:
+            >>> LoMixLoss(num_outputs=2, num_classes=2, scheme="deep_supervision").current_weights()
+            tensor([1., 1.])
+        """
+        live = self.weights().detach()
+        if type(live) is Tensor and tuple(live.shape) == (self.num_maps,):  # a DTensor shard is not whole
+            return live
+        if self._last_weights is None:
+            raise RuntimeError(
+                f"the loss weights are sharded on this rank (shape {tuple(live.shape)}, expected ({self.num_maps},))"
+                " and no forward has run yet to record the full vector"
+            )
+        return self._last_weights
+
     def weights_dict(self) -> dict[str, float]:
-        """``{map name: weight}`` as Python floats, for logging (one host sync)."""
-        return dict(zip(self.map_names, self.weights().detach().float().cpu().tolist()))
+        """``{map name: weight}`` as Python floats, for logging (one host sync); see :meth:`current_weights`."""
+        return dict(zip(self.map_names, self.current_weights().float().cpu().tolist()))
 
     def _target(self, target: Tensor, size: tuple[int, int], batch: int) -> Tensor:
         binary = self.num_classes == 1
@@ -248,6 +276,7 @@ class LoMixLoss(nn.Module):
             else:
                 per_map = torch.cat([self._group_loss(op, stacked, target) for op in ("original", *operators)])
             weights = self.weights().to(per_map.dtype)
+            self._last_weights = weights.detach()
             weighted = weights * per_map
             num_original = stacked.shape[1]
             original = weighted[:num_original].sum()

@@ -29,6 +29,7 @@ from lomix_lightning.native import (
     usable,
 )
 from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward
+from lomix_lightning.precision import full_precision
 
 
 def lomix_ce_dice_stats(
@@ -158,7 +159,7 @@ class _LoMixStats(torch.autograd.Function):
         kept, attention = rest[: len(plan.groups)], rest[len(plan.groups) :]
         grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
         grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
-        with torch.autocast(device_type=stacked.device.type, enabled=False):
+        with full_precision(stacked.device):
             for c, start in enumerate(range(0, stacked.shape[0], plan.chunk)):
                 end = start + plan.chunk
                 x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)

@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lomix_lightning.ops.subsets import enumerate_subsets
+from lomix_lightning.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -200,7 +201,7 @@ class FuseFunction(torch.autograd.Function):
             [torch.zeros_like(weight), weight.new_zeros(weight.shape[0])] if ctx.op in ("cat", "awf") else None
         )
         grad = grad.clone() if ctx.op == "mul" else grad.contiguous()  # mul accumulates into it
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x.device):
             fuse_backward(ctx.op, x, fused, aux, grad, grad_x, ctx.plan, weight, grad_params)
         grad_weight, grad_bias = (None, None) if grad_params is None else grad_params
         return None, None, grad_x, grad_weight, grad_bias
