@@ -242,10 +242,12 @@ class LoMixLoss(nn.Module):
             bad = (target < 0) | (target > high)
             if self.ignore_index is not None:
                 bad &= target != self.ignore_index
-            if bool(bad.any()):
+            allowed = "[0, 1]" if binary else f"[0, {self.num_classes})"
+            ignore = f" or ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
+            if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assertion
+                torch._assert_async(~bad.any(), f"target holds labels outside {allowed}{ignore}")
+            elif bool(bad.any()):
                 values = torch.unique(target[bad])[:10].tolist()
-                allowed = "[0, 1]" if binary else f"[0, {self.num_classes})"
-                ignore = f" or ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
                 raise ValueError(f"target holds labels {values} outside {allowed}{ignore}")
         return target
 

@@ -61,7 +61,7 @@ def lomix_ce_dice_stats(
         True
     """
     groups = ("original", *operators)
-    if usable(stacked):  # the kernels keep nothing and take the whole batch at once
+    if not torch.compiler.is_compiling() and usable(stacked):  # the kernels keep nothing, take the whole batch
         layouts = _kernel_layouts(mutation.plan.subsets, stacked.shape[1], stacked.shape[2], groups)
         params = [p for op in operators for p in mutation.packed_parameters(op, stacked.dtype)]
         plan = _EnginePlan(groups, mutation.plan, prepared, stacked.shape[0], (False,) * len(groups), layouts)
@@ -269,7 +269,7 @@ def _workspace(name: str, like: Tensor, shape: Sequence[int] | None = None) -> T
     the caching allocator already reuses memory, so this is ``like.new_empty(shape)``.
     """
     shape = tuple(like.shape if shape is None else shape)
-    if like.device.type != "cpu":
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
         return like.new_empty(shape)
     cache = _WORKSPACE.__dict__.setdefault("buffers", {})
     numel, key = math.prod(shape), (name, like.dtype, torch.is_inference_mode_enabled())
