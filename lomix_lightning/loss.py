@@ -87,11 +87,11 @@ class LoMixLoss(nn.Module):
         check_target: Check that labels lie in ``[0, C)`` (one device-to-host sync per call; switch off for speed
             once the data is trusted).
         memory_efficient: Keep nothing but the stacked maps for backward and recompute every operator's mutants and
-            softmax there, one image at a time (for a loss other than ``ce_dice``: ``torch.utils.checkpoint`` per
-            operator). Same values and gradients, for a second fusion and softmax in backward. By default the
-            softmax of the original and ``cat`` maps is kept and the ``add``/``mul``/``awf`` mutants are recomputed,
-            which bounds the loss's extra memory to about ``L + K`` softmax maps. The CPU kernels keep nothing
-            either way, so there this option changes nothing.
+            softmax there, in chunks of images of at most 48 MiB of mutants per operator (for a loss other than
+            ``ce_dice``: ``torch.utils.checkpoint`` per operator). Same values and gradients, for a second fusion and
+            softmax in backward. By default the softmax of the original and ``cat`` maps is kept and the
+            ``add``/``mul``/``awf`` mutants are recomputed, which bounds the loss's extra memory to about ``L + K``
+            softmax maps. The CPU kernels keep nothing either way, so there this option changes nothing.
 
     Raises:
         ValueError: On an unknown scheme, operator, weighting or loss, ``num_outputs < 1``, operators given with

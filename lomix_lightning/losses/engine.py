@@ -46,7 +46,8 @@ def lomix_ce_dice_stats(
         operators: Operators whose mutants to score, in map order (may be empty).
         mutation: The module holding the subsets and the ``cat``/``awf`` convolutions.
         prepared: The target, from :func:`~lomix_lightning.losses.ce_dice.ce_dice_target`.
-        memory_efficient: Keep only ``stacked`` for backward and recompute everything there, one image at a time.
+        memory_efficient: Keep only ``stacked`` for backward and recompute everything there, in chunks of images of at
+            most 48 MiB of mutants per operator.
 
     Returns:
         ``(L + K * len(operators), 1 + 2C)`` statistics, originals first (see
@@ -86,8 +87,9 @@ def _kernel_layouts(
     )
 
 
-_CPU_CHUNK_BYTES = 48 * 2**20
-"""Size of one operator's mutants for a chunk of images on the CPU (the reused buffers are about three of these)."""
+_CHUNK_BYTES = 48 * 2**20
+"""Size of one operator's mutants for a chunk of images on the CPU or with ``memory_efficient`` (the reused buffers
+are about three of these)."""
 
 _KEPT = ("original", "cat")
 """Groups whose softmax the default engine keeps for backward (the others are recomputed, to bound memory)."""
@@ -242,14 +244,15 @@ def _fuse(
 
 
 def _chunk_size(stacked: Tensor, num_subsets: int, memory_efficient: bool) -> int:
-    """Images per chunk: one when saving memory; on the CPU as many as fit the cached buffers; else the batch."""
+    """Images per chunk: the whole batch on a GPU (few kernel launches), else as many as fit ``_CHUNK_BYTES``.
+
+    On the CPU the bound keeps the cached buffers small; with ``memory_efficient`` it bounds the memory.
+    """
     batch, num_maps, c, h, w = stacked.shape
-    if memory_efficient:
-        return 1
-    if stacked.device.type != "cpu":
+    if stacked.device.type != "cpu" and not memory_efficient:
         return batch
     per_image = max(num_maps, num_subsets) * c * h * w * stacked.element_size()
-    return max(1, min(batch, _CPU_CHUNK_BYTES // per_image))
+    return max(1, min(batch, _CHUNK_BYTES // per_image))
 
 
 def _target_chunk(prepared: CEDiceTarget, start: int, size: int) -> tuple[Tensor, Tensor | None, Tensor]:
