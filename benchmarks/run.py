@@ -3,6 +3,11 @@
 Run from the repository root:
 
     python benchmarks/run.py --output benchmarks/results/cpu.json
+    python benchmarks/run.py --device cuda --bf16 --output benchmarks/results/cuda.json   # a GPU, a few minutes
+
+Besides the loss and a bare step, it times the module's own ``training_step`` (with its label check and non-finite
+check, the host reads a user gets) and counts its operators and host reads (``lomix_lightning.profiling``); on CUDA
+also its kernel launches, CUDA's own report of synchronising calls, and ``torch.cuda.max_memory_allocated``.
 
 Everything runs in this process except the memory probes (one subprocess per configuration, so peak resident memory
 on the CPU is measured from a clean process). Timings interleave the variants (one call of each per round) and report
@@ -20,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +39,7 @@ from lomix_lightning import LoMixLoss, LoMixSegmentationModule  # noqa: E402
 from lomix_lightning.export import as_output_list, resize_logits  # noqa: E402
 from lomix_lightning.models import MultiScaleSMP  # noqa: E402
 from lomix_lightning.native import library  # noqa: E402
+from lomix_lightning.profiling import OpCounter  # noqa: E402
 
 SCHEMES = ("last_layer", "deep_supervision", "mutation", "lomix")
 NATIVE = (8, 4, 2, 1)  # the L=4 maps' downsampling factors (coarse to fine), as MultiScaleSMP's Unet returns them
@@ -125,6 +132,88 @@ def make_step(module: LoMixSegmentationModule, args: argparse.Namespace, device:
         optimizer.step()
 
     return step
+
+
+def make_module_step(
+    module: LoMixSegmentationModule, args: argparse.Namespace, device: torch.device, counter: OpCounter | None = None
+) -> Callable[[], None]:
+    """One step through the module's own ``training_step`` (its host reads, label check and logging included; no
+    Trainer, so ``self.log`` does nothing) + backward + the optimizer step; ``counter`` counts all but the last."""
+    module.to(device).train()
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    image = torch.randn(args.batch, 1, args.size, args.size, generator=gen).to(device)
+    mask = torch.randint(0, args.classes, (args.batch, args.size, args.size), generator=gen).to(device)
+    batch = {"image": image, "mask": mask}
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with counter if counter is not None else contextlib.nullcontext(), _autocast(device, args.bf16):
+            loss = module.training_step(batch, 0)
+            loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def count_step(scheme: str, args: argparse.Namespace, device: torch.device) -> dict:
+    """Operators (about one kernel each), host reads and, on CUDA, kernel launches of one module training step."""
+    module = build_module(scheme, args)
+    module.criterion.check_target = True  # as the module runs it
+    counter = OpCounter()
+    step = make_module_step(module, args, device, counter)
+    step()  # warm-up: lazy state, cuDNN choice
+    _sync(device)
+    counter.ops.clear()
+    counter.syncs.clear()
+    step()
+    result = {"ops": counter.total, "host_reads": dict(counter.syncs)}  # training_step + backward
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            _sync(device)
+        result["cuda_kernels"] = sum(1 for e in prof.events() if e.device_type.name == "CUDA")
+        torch.cuda.set_sync_debug_mode("warn")  # CUDA itself reports each synchronising call
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                step()
+                _sync(device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        result["cuda_sync_warnings"] = sum("synchroniz" in str(w.message) for w in caught)
+    return result
+
+
+def bench_module_steps(args: argparse.Namespace, device: torch.device) -> dict:
+    """Median seconds of the module's real ``training_step`` (+ backward + optimizer) per scheme, and its counts."""
+    schemes = ("deep_supervision", "lomix")
+    steps = {}
+    for scheme in schemes:
+        module = build_module(scheme, args)
+        module.criterion.check_target = True
+        steps[scheme] = make_module_step(module, args, device)
+    times = interleaved(steps, args.rounds_step, device)
+    result: dict = {"seconds": {name: statistics.median(t) for name, t in times.items()}, "_raw": times}
+    result["lomix_over_deep_supervision"] = result["seconds"]["lomix"] / result["seconds"]["deep_supervision"]
+    result["counts"] = {scheme: count_step(scheme, args, device) for scheme in schemes}
+    if device.type == "cuda":
+        peaks = {}
+        for scheme in schemes:
+            module = build_module(scheme, args)
+            step = make_module_step(module, args, device)
+            step()
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            torch.cuda.synchronize(device)
+            peaks[scheme] = torch.cuda.max_memory_allocated(device)
+            del module, step
+            torch.cuda.empty_cache()
+        result["cuda_max_memory_allocated"] = peaks
+    return result
 
 
 def step_configs() -> list[tuple[str, str, bool]]:
@@ -260,6 +349,7 @@ def summarize(result: dict) -> dict:
         "memory_lomix_over_deep_supervision": memory["lomix"] / memory["deep_supervision"],
         "memory_lomix_memory_efficient_over_deep_supervision": memory["lomix memory_efficient=True"]
         / memory["deep_supervision"],
+        "module_step_lomix_over_deep_supervision": result["module_step"]["lomix_over_deep_supervision"],
         "export_latency_ratio": export["exported_s"] / export["bare_s"],
         "export_params_ratio": export["exported_params"] / export["bare_params"],
     }
@@ -283,6 +373,16 @@ def print_table(result: dict) -> None:
     for name, seconds in steps.items():
         if not name.startswith("_"):
             table.add_row(f"train step: {name}", f"{seconds:.3f} s", f"{seconds / ds_step:.2f}x deep supervision")
+    module = result["module_step"]
+    for name, seconds in module["seconds"].items():
+        counts = module["counts"][name]
+        reads = sum(counts["host_reads"].values())
+        extra = f", {counts['cuda_kernels']} CUDA kernels" if "cuda_kernels" in counts else ""
+        table.add_row(
+            f"module training_step: {name} ({counts['ops']} ops, {reads} host reads{extra})",
+            f"{seconds:.3f} s",
+            f"{seconds / module['seconds']['deep_supervision']:.2f}x deep supervision",
+        )
     for name, peak in memory.items():
         table.add_row(f"peak memory: {name}", f"{peak / 2**20:.0f} MiB", f"{peak / ds_mem:.2f}x deep supervision")
     export = result["export"]
@@ -309,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds-export", type=int, default=10)
     parser.add_argument("--wait-quiet", type=float, default=None, help="wait for a 1-min load average below this")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
+    parser.add_argument("--quick", action="store_true", help="3 rounds of everything (a first run on a new machine)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds_loss = args.rounds_step = args.rounds_export = 3
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.probe is not None:
@@ -321,6 +424,8 @@ def main(argv: list[str] | None = None) -> int:
     result["loss_s"] = bench_loss(args, device)
     wait_quiet(args.wait_quiet)
     result["step_s"] = bench_steps(args, device)
+    wait_quiet(args.wait_quiet)
+    result["module_step"] = bench_module_steps(args, device)
     result["peak_memory_bytes"] = bench_memory(args)
     wait_quiet(args.wait_quiet)
     result["export"] = bench_export(args, device)

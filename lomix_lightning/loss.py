@@ -88,11 +88,11 @@ class LoMixLoss(nn.Module):
         check_target: Check that labels lie in ``[0, C)`` (one device-to-host sync per call; switch off for speed
             once the data is trusted).
         memory_efficient: Keep nothing but the stacked maps for backward and recompute every operator's mutants and
-            softmax there, one image at a time (for a loss other than ``ce_dice``: ``torch.utils.checkpoint`` per
-            operator). Same values and gradients, for a second fusion and softmax in backward. By default the
-            softmax of the original and ``cat`` maps is kept and the ``add``/``mul``/``awf`` mutants are recomputed,
-            which bounds the loss's extra memory to about ``L + K`` softmax maps. The CPU kernels keep nothing
-            either way, so there this option changes nothing.
+            softmax there, in chunks of images of at most 48 MiB of mutants per operator (for a loss other than
+            ``ce_dice``: ``torch.utils.checkpoint`` per operator). Same values and gradients, for a second fusion and
+            softmax in backward. By default the softmax of the original and ``cat`` maps is kept and the
+            ``add``/``mul``/``awf`` mutants are recomputed, which bounds the loss's extra memory to about ``L + K``
+            softmax maps. The CPU kernels keep nothing either way, so there this option changes nothing.
 
     Raises:
         ValueError: On an unknown scheme, operator, weighting or loss, ``num_outputs < 1``, operators given with
@@ -150,6 +150,9 @@ class LoMixLoss(nn.Module):
         self.memory_efficient = memory_efficient
         self.ce_weight, self.dice_weight = float(ce_weight), float(dice_weight)
         self.loss_name, self._per_map_loss = self._build_loss(loss, ce_weight, dice_weight, ignore_index)
+        # The full weight vector of the last forward, detached: under FSDP the parameters outside forward are this
+        # rank's shard (a plain attribute: FSDP neither shards nor gathers it, DDP does not broadcast it).
+        self._last_weights: Tensor | None = None
 
     def _build_loss(
         self, loss: LossName | PerMapLoss, ce_weight: float, dice_weight: float, ignore_index: int | None
@@ -191,9 +194,34 @@ class LoMixLoss(nn.Module):
         """The ``(M,)`` current weights."""
         return self.weighting()
 
+    def current_weights(self) -> Tensor:
+        """The ``(M,)`` current weights, detached, also where the parameters are sharded (FSDP).
+
+        The live :meth:`weights` when they are whole; where a sharding strategy leaves this rank only a shard of
+        the weight parameters outside forward (FSDP with ``use_orig_params=True``: ``alpha`` of shape ``(0,)`` on
+        some ranks), the full weights of the last forward (with the values of before the last optimizer step if
+        no forward ran since). No collective call, so any rank may call it alone.
+
+        Raises:
+            RuntimeError: If the weights are sharded and no forward has run yet.
+
+        Example:
+            >>> LoMixLoss(num_outputs=2, num_classes=2, scheme="deep_supervision").current_weights()
+            tensor([1., 1.])
+        """
+        live = self.weights().detach()
+        if type(live) is Tensor and tuple(live.shape) == (self.num_maps,):  # a DTensor shard is not whole
+            return live
+        if self._last_weights is None:
+            raise RuntimeError(
+                f"the loss weights are sharded on this rank (shape {tuple(live.shape)}, expected ({self.num_maps},))"
+                " and no forward has run yet to record the full vector"
+            )
+        return self._last_weights
+
     def weights_dict(self) -> dict[str, float]:
-        """``{map name: weight}`` as Python floats, for logging (one host sync)."""
-        return dict(zip(self.map_names, self.weights().detach().float().cpu().tolist()))
+        """``{map name: weight}`` as Python floats, for logging (one host sync); see :meth:`current_weights`."""
+        return dict(zip(self.map_names, self.current_weights().float().cpu().tolist()))
 
     def _target(self, target: Tensor, size: tuple[int, int], batch: int) -> Tensor:
         binary = self.num_classes == 1
@@ -215,10 +243,12 @@ class LoMixLoss(nn.Module):
             bad = (target < 0) | (target > high)
             if self.ignore_index is not None:
                 bad &= target != self.ignore_index
-            if bool(bad.any()):
+            allowed = "[0, 1]" if binary else f"[0, {self.num_classes})"
+            ignore = f" or ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
+            if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assertion
+                torch._assert_async(~bad.any(), f"target holds labels outside {allowed}{ignore}")
+            elif bool(bad.any()):
                 values = torch.unique(target[bad])[:10].tolist()
-                allowed = "[0, 1]" if binary else f"[0, {self.num_classes})"
-                ignore = f" or ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
                 raise ValueError(f"target holds labels {values} outside {allowed}{ignore}")
         return target
 
@@ -254,6 +284,7 @@ class LoMixLoss(nn.Module):
             else:
                 per_map = torch.cat([self._group_loss(op, stacked, target) for op in ("original", *operators)])
             weights = self.weights().to(per_map.dtype)
+            self._last_weights = weights.detach()
             weighted = weights * per_map
             num_original = stacked.shape[1]
             original = weighted[:num_original].sum()

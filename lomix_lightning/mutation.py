@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -12,23 +11,11 @@ from torch import Tensor, nn
 
 from lomix_lightning.ops.batched import FuseFunction, SubsetPlan
 from lomix_lightning.ops.subsets import OPERATORS, enumerate_subsets, map_names, validate_operators
+from lomix_lightning.precision import full_precision, fusion_dtype
+
+__all__ = ["CombinatorialMutation", "full_precision", "fusion_dtype", "upsample_to"]
 
 _MAX_QUIET_OUTPUTS = 6
-
-
-def fusion_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype fusion and per-map losses run in: at least float32 (products of logits overflow float16).
-
-    Example:
-        >>> fusion_dtype(torch.bfloat16), fusion_dtype(torch.float64)
-        (torch.float32, torch.float64)
-    """
-    return torch.promote_types(dtype, torch.float32)
-
-
-def full_precision(device: torch.device) -> AbstractContextManager:
-    """A context that switches autocast off on ``device``, so fusion and losses stay in float32."""
-    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def upsample_to(outputs: Sequence[Tensor], size: tuple[int, int], dtype: torch.dtype) -> list[Tensor]:

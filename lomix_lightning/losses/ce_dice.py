@@ -9,6 +9,8 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from lomix_lightning.precision import full_precision, fusion_dtype
+
 
 class CEDiceTarget(NamedTuple):
     """A label map prepared once for scoring any number of maps (see :func:`ce_dice_target`).
@@ -106,7 +108,8 @@ def ce_dice_loss(
     Dice is the paper's (and the authors' ``DiceLoss``): softmax, then per class over the whole batch
     ``1 - (2 * sum(p * y) + eps) / (sum(p * p) + sum(y * y) + eps)``, averaged over all ``C`` classes including the
     background. CE is the mean over (non-ignored) pixels. One softmax serves both terms, the gradient is written by
-    hand (only the softmax is kept for backward), and no value leaves the device (no host synchronisation).
+    hand (only the softmax is kept for backward), and no value leaves the device (no host synchronisation). It runs
+    in at least float32 whatever the input dtype and autocast (the loss is float32 for float16/bfloat16 logits).
 
     .. math::
         L = \beta \, \mathrm{CE} + \gamma \left(1 - \frac{1}{C} \sum_c
@@ -130,12 +133,15 @@ def ce_dice_loss(
         0.0001
     """
     single = isinstance(logits, Tensor) and logits.ndim == 4
-    if single:
-        logits = logits.unsqueeze(1)  # (B, 1, C, H, W)
-    elif not isinstance(logits, Tensor):
-        logits = torch.stack(list(logits), dim=1)  # M x (B, C, H, W) -> (B, M, C, H, W)
-    prepared = ce_dice_target(target, logits.shape[2], logits.dtype, ignore_index)
-    loss = ce_dice_from_stats(ce_dice_stats(logits, prepared), prepared, float(ce_weight), float(dice_weight), eps)
+    device = logits.device if isinstance(logits, Tensor) else logits[0].device
+    with full_precision(device):  # float32 at least, autocast or not (fp16 pixel counts overflow past 65504)
+        if single:
+            logits = logits.unsqueeze(1)  # (B, 1, C, H, W)
+        elif not isinstance(logits, Tensor):
+            logits = torch.stack(list(logits), dim=1)  # M x (B, C, H, W) -> (B, M, C, H, W)
+        logits = logits.to(fusion_dtype(logits.dtype))
+        prepared = ce_dice_target(target, logits.shape[2], logits.dtype, ignore_index)
+        loss = ce_dice_from_stats(ce_dice_stats(logits, prepared), prepared, float(ce_weight), float(dice_weight), eps)
     return loss[0] if single else loss
 
 
@@ -230,7 +236,7 @@ class _CEDiceStats(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
         p, target, valid = ctx.saved_tensors
-        with torch.autocast(device_type=p.device.type, enabled=False):
+        with full_precision(p.device):
             return ce_dice_backward(p, grad, target, valid), None, None, None
 
 

@@ -29,6 +29,7 @@ from lomix_lightning.native import (
     usable,
 )
 from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward
+from lomix_lightning.precision import full_precision
 
 
 def lomix_ce_dice_stats(
@@ -45,7 +46,8 @@ def lomix_ce_dice_stats(
         operators: Operators whose mutants to score, in map order (may be empty).
         mutation: The module holding the subsets and the ``cat``/``awf`` convolutions.
         prepared: The target, from :func:`~lomix_lightning.losses.ce_dice.ce_dice_target`.
-        memory_efficient: Keep only ``stacked`` for backward and recompute everything there, one image at a time.
+        memory_efficient: Keep only ``stacked`` for backward and recompute everything there, in chunks of images of at
+            most 48 MiB of mutants per operator.
 
     Returns:
         ``(L + K * len(operators), 1 + 2C)`` statistics, originals first (see
@@ -60,7 +62,7 @@ def lomix_ce_dice_stats(
         True
     """
     groups = ("original", *operators)
-    if usable(stacked):  # the kernels keep nothing and take the whole batch at once
+    if not torch.compiler.is_compiling() and usable(stacked):  # the kernels keep nothing, take the whole batch
         layouts = _kernel_layouts(mutation.plan.subsets, stacked.shape[1], stacked.shape[2], groups)
         params = [p for op in operators for p in mutation.packed_parameters(op, stacked.dtype)]
         plan = _EnginePlan(groups, mutation.plan, prepared, stacked.shape[0], (False,) * len(groups), layouts)
@@ -85,8 +87,9 @@ def _kernel_layouts(
     )
 
 
-_CPU_CHUNK_BYTES = 48 * 2**20
-"""Size of one operator's mutants for a chunk of images on the CPU (the reused buffers are about three of these)."""
+_CHUNK_BYTES = 48 * 2**20
+"""Size of one operator's mutants for a chunk of images on the CPU or with ``memory_efficient`` (the reused buffers
+are about three of these)."""
 
 _KEPT = ("original", "cat")
 """Groups whose softmax the default engine keeps for backward (the others are recomputed, to bound memory)."""
@@ -158,7 +161,7 @@ class _LoMixStats(torch.autograd.Function):
         kept, attention = rest[: len(plan.groups)], rest[len(plan.groups) :]
         grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
         grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
-        with torch.autocast(device_type=stacked.device.type, enabled=False):
+        with full_precision(stacked.device):
             for c, start in enumerate(range(0, stacked.shape[0], plan.chunk)):
                 end = start + plan.chunk
                 x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
@@ -241,14 +244,15 @@ def _fuse(
 
 
 def _chunk_size(stacked: Tensor, num_subsets: int, memory_efficient: bool) -> int:
-    """Images per chunk: one when saving memory; on the CPU as many as fit the cached buffers; else the batch."""
+    """Images per chunk: the whole batch on a GPU (few kernel launches), else as many as fit ``_CHUNK_BYTES``.
+
+    On the CPU the bound keeps the cached buffers small; with ``memory_efficient`` it bounds the memory.
+    """
     batch, num_maps, c, h, w = stacked.shape
-    if memory_efficient:
-        return 1
-    if stacked.device.type != "cpu":
+    if stacked.device.type != "cpu" and not memory_efficient:
         return batch
     per_image = max(num_maps, num_subsets) * c * h * w * stacked.element_size()
-    return max(1, min(batch, _CPU_CHUNK_BYTES // per_image))
+    return max(1, min(batch, _CHUNK_BYTES // per_image))
 
 
 def _target_chunk(prepared: CEDiceTarget, start: int, size: int) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -268,7 +272,7 @@ def _workspace(name: str, like: Tensor, shape: Sequence[int] | None = None) -> T
     the caching allocator already reuses memory, so this is ``like.new_empty(shape)``.
     """
     shape = tuple(like.shape if shape is None else shape)
-    if like.device.type != "cpu":
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
         return like.new_empty(shape)
     cache = _WORKSPACE.__dict__.setdefault("buffers", {})
     numel, key = math.prod(shape), (name, like.dtype, torch.is_inference_mode_enabled())

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lomix_lightning.precision import full_precision, fusion_dtype
+
 
 def boundary_weight(mask: Tensor) -> Tensor:
     """Pixel weight ``1 + 5 * |avg_pool(mask, 31, stride 1, pad 15) - mask|``: large near object boundaries.
@@ -23,7 +25,8 @@ def structure_loss(logits: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
 
     Both terms are computed per image and averaged over the batch. Unlike PraNet's public code, whose
     ``F.binary_cross_entropy_with_logits(..., reduce='none')`` silently falls back to the mean and so ignores the
-    pixel weight, the BCE term here really is weighted (see the README).
+    pixel weight, the BCE term here really is weighted (see the README). It runs in at least float32 whatever the
+    input dtype and autocast.
 
     Args:
         logits: ``(B, 1, H, W)`` for one map; ``(B, M, 1, H, W)`` or a list of ``M`` maps ``(B, 1, H, W)``.
@@ -39,8 +42,15 @@ def structure_loss(logits: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
         >>> bool(structure_loss(good, mask) < 0.01 < structure_loss(bad, mask))
         True
     """
+    device = logits.device if isinstance(logits, Tensor) else logits[0].device
+    with full_precision(device):  # float32 at least, autocast or not
+        return _structure_loss(logits, target)
+
+
+def _structure_loss(logits: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
     if not isinstance(logits, Tensor):
         logits = torch.stack(list(logits), dim=1)  # M x (B, 1, H, W) -> (B, M, 1, H, W)
+    logits = logits.to(fusion_dtype(logits.dtype))
     single = logits.ndim == 4
     if single:
         logits = logits.unsqueeze(1)

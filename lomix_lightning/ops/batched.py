@@ -9,6 +9,7 @@ one-subset definitions they are tested against are in :mod:`lomix_lightning.ops.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from lomix_lightning.ops.subsets import enumerate_subsets
+from lomix_lightning.precision import full_precision
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,14 @@ def fuse_forward(
     """
     b, num_maps, c, h, w = x.shape
     xs, outs = x.view(b, num_maps, c, h * w), out.view(b, -1, c, h * w)
+    if op == "add" and weight is not None:  # every subset sum at once: (K, L) incidence @ (b, L, C*H*W)
+        torch.matmul(weight.t(), x.view(b, num_maps, -1), out=out.view(b, out.shape[1], -1))
+        return None
     if op in ("add", "mul"):
         combine = torch.add if op == "add" else torch.mul
         for k, s in enumerate(plan.subsets):
             head = xs[:, s[0]] if plan.prefix[k] < 0 else outs[:, plan.prefix[k]]
-            combine(head, xs[:, s[-1]], out=outs[:, k])
+            _into(outs[:, k], combine, head, xs[:, s[-1]])
         return None
     if op == "cat":
         linear_scores(x, weight, bias, out=outs.view(b, -1, h * w))
@@ -86,7 +91,7 @@ def fuse_forward(
         scores.copy_(scores.softmax(dim=2))
     for k, s in enumerate(plan.subsets):
         row = plan.rows[k]
-        torch.mul(xs[:, s[0]], attention[:, row, None], out=outs[:, k])
+        _into(outs[:, k], torch.mul, xs[:, s[0]], attention[:, row, None])
         for j, i in enumerate(s[1:], start=1):
             outs[:, k].addcmul_(xs[:, i], attention[:, row + j, None])
     return attention
@@ -137,7 +142,7 @@ def fuse_backward(
         for k, s in enumerate(plan.subsets):
             row = plan.rows[k]
             for j, i in enumerate(s):
-                torch.linalg.vecdot(gs[:, k], xs[:, i], dim=1, out=d_attention[:, row + j])
+                _into(d_attention[:, row + j], torch.linalg.vecdot, gs[:, k], xs[:, i], dim=1)
                 gx[:, i].addcmul_(gs[:, k], attention[:, row + j, None])
         scores_grad = torch.empty_like(attention)
         for row, count, size in plan.sizes:  # softmax backward per subset
@@ -145,6 +150,14 @@ def fuse_backward(
             da = d_attention[:, row : row + count * size].view(b, count, size, h * w)
             scores_grad[:, row : row + count * size] = (a * (da - (a * da).sum(dim=2, keepdim=True))).flatten(1, 2)
     linear_backward(x, weight, scores_grad, grad_x, grad_params)
+
+
+def _into(out: Tensor, fn: Callable[..., Tensor], *args: Tensor, **kwargs: int) -> None:
+    """``fn(*args, **kwargs, out=out)``; under ``torch.compile`` (no ``out=`` view with gaps) a copy into ``out``."""
+    if torch.compiler.is_compiling():
+        out.copy_(fn(*args, **kwargs))
+    else:
+        fn(*args, **kwargs, out=out)
 
 
 def linear_scores(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = None) -> Tensor:
@@ -200,7 +213,7 @@ class FuseFunction(torch.autograd.Function):
             [torch.zeros_like(weight), weight.new_zeros(weight.shape[0])] if ctx.op in ("cat", "awf") else None
         )
         grad = grad.clone() if ctx.op == "mul" else grad.contiguous()  # mul accumulates into it
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with full_precision(x.device):
             fuse_backward(ctx.op, x, fused, aux, grad, grad_x, ctx.plan, weight, grad_params)
         grad_weight, grad_bias = (None, None) if grad_params is None else grad_params
         return None, None, grad_x, grad_weight, grad_bias
