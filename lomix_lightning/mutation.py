@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +27,12 @@ def fusion_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def full_precision(device: torch.device) -> AbstractContextManager:
-    """A context that switches autocast off on ``device``, so fusion and losses stay in float32."""
+    """A context that switches autocast off on ``device``, so fusion and losses stay in float32.
+
+    Devices without autocast (``meta``, used to trace the CUDA path on a CPU machine) get a no-op context.
+    """
+    if not torch.amp.is_autocast_available(device.type):
+        return nullcontext()
     return torch.autocast(device_type=device.type, enabled=False)
 
 
