@@ -223,7 +223,7 @@ class LoMixLoss(nn.Module):
         """``{map name: weight}`` as Python floats, for logging (one host sync); see :meth:`current_weights`."""
         return dict(zip(self.map_names, self.current_weights().float().cpu().tolist()))
 
-    def _target(self, target: Tensor, size: tuple[int, int], batch: int) -> Tensor:
+    def _target(self, target: Tensor, size: tuple[int, int], batch: int, check: bool) -> Tensor:
         binary = self.num_classes == 1
         if binary and target.ndim == 4 and target.shape[1] == 1:
             target = target[:, 0]
@@ -238,7 +238,7 @@ class LoMixLoss(nn.Module):
             raise TypeError(
                 f"target must hold integer class indices for num_classes={self.num_classes}, got {target.dtype}"
             )
-        if self.check_target:
+        if check:
             high = 1 if binary else self.num_classes - 1
             bad = (target < 0) | (target > high)
             if self.ignore_index is not None:
@@ -252,13 +252,18 @@ class LoMixLoss(nn.Module):
                 raise ValueError(f"target holds labels {values} outside {allowed}{ignore}")
         return target
 
-    def forward(self, outputs: Sequence[Tensor], target: Tensor) -> LoMixLossOutput:
+    def forward(
+        self, outputs: Sequence[Tensor], target: Tensor, *, check_target: bool | None = None
+    ) -> LoMixLossOutput:
         """Compute the weighted total over all supervised maps.
 
         Args:
             outputs: ``L`` logit maps ``(B, C, H_l, W_l)``, coarse to fine; they are resized to the largest one.
             target: ``(B, H, W)`` class indices at the largest output resolution (binary: ``(B, H, W)`` or
                 ``(B, 1, H, W)`` with values in ``[0, 1]``).
+            check_target: Check the label range in this call (one device-to-host sync); ``None`` = the
+                ``check_target`` given at construction. The Lightning module checks labels on the host before
+                they reach the device and passes ``False``.
 
         Returns:
             A :class:`LoMixLossOutput`.
@@ -278,7 +283,8 @@ class LoMixLoss(nn.Module):
             else:
                 operators = self.operators if self.mutation.subsets else ()  # one map: no subset to fuse
                 stacked, unused = self.mutation.prepare(outputs), ()
-            target = self._target(target, tuple(stacked.shape[-2:]), stacked.shape[0])
+            check = self.check_target if check_target is None else check_target
+            target = self._target(target, tuple(stacked.shape[-2:]), stacked.shape[0], check)
             if self._per_map_loss is None:
                 per_map = self._ce_dice_maps(stacked, operators, target)
             else:

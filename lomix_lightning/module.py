@@ -27,15 +27,22 @@ from lomix_lightning.export import (
     prediction_core,
     resize_logits,
 )
-from lomix_lightning.loss import LoMixLoss, LossName, Scheme
+from lomix_lightning.loss import LoMixLoss, LoMixLossOutput, LossName, Scheme
 from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
 from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
 from lomix_lightning.metrics.summary import print_metrics_table
 from lomix_lightning.metrics.volume import evaluate_volume
 from lomix_lightning.native import engine as native_engine
+from lomix_lightning.precision import full_precision, fusion_dtype
 from lomix_lightning.weighting import WeightingName
 
 Operator = Literal["add", "mul", "cat", "awf"]
+
+# The module checks labels in on_before_batch_transfer (on the host, before they reach the device); Lightning warns
+# about that for every datamodule that does not override the hook, which is expected here and says nothing useful.
+warnings.filterwarnings(
+    "ignore", message="You have overridden `on_before_batch_transfer` in `LightningModule` but have passed in a"
+)
 
 
 class LoMixSegmentationModule(pl.LightningModule):
@@ -71,10 +78,12 @@ class LoMixSegmentationModule(pl.LightningModule):
         hd95_empty_rule: Empty-mask rule of HD95/Dice per case: ``transunet`` (the paper's tables) or ``nan``.
         img_size: Slice size used to predict volume test sets; ``None`` = the datamodule's ``img_size``.
         nonfinite_loss: ``raise`` an error naming the maps with a NaN/Inf loss, or ``skip`` the batch and count it
-            (one device-to-host sync per step); a skipped batch leaves the model as it was: no optimizer step, and
-            every buffer (BatchNorm statistics) restored to its value before the batch's forward pass.
+            (one device-to-host read per step, one all-reduce under DDP); a skipped batch leaves the model as it was:
+            no optimizer step, and every buffer (BatchNorm statistics) restored to its value before the batch's
+            forward pass. On an accelerator ``raise`` reads nothing in the step: the first non-finite step is
+            remembered on the device and reported at the next logging step (``log_every_n_steps``) or epoch end.
         memory_efficient: Passed to :class:`~lomix_lightning.LoMixLoss`: recompute every mutant and softmax in
-            backward, one image at a time, instead of keeping them (lowest memory, same gradients).
+            backward, in chunks of images, instead of keeping them (lowest memory, same gradients).
 
     Example:
         >>> from lomix_lightning.models import UNet
@@ -149,6 +158,8 @@ class LoMixSegmentationModule(pl.LightningModule):
         self.skipped_batches = 0
         self._skip_update = False
         self.engine: str | None = None  # the CE + Dice engine, known when fit starts
+        self._first_nonfinite: dict[str, Tensor] | None = None  # raise mode on an accelerator, see training_step
+        self._host_checked = False  # the current batch's labels were checked before the transfer
 
     # ------------------------------------------------------------------ construction helpers
     def _store_plain_hparams(self, network: nn.Module, optimizer: Any, lr_scheduler: Any) -> None:
@@ -216,7 +227,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         was_training = self.network.training
         self.network.eval()
         with torch.no_grad():
-            outputs = as_output_list(self.network(batch["image"][:1]))
+            outputs = as_output_list(self.network(batch["image"][:1].to(_device_of(self.network))))
         self.network.train(was_training)
         self._build_criterion(len(outputs))
         rank_zero_info(f"LoMix: the network returns {len(outputs)} maps; supervising {self.criterion.num_maps} maps")
@@ -283,7 +294,8 @@ class LoMixSegmentationModule(pl.LightningModule):
                 f"the network returned {len(outputs)} maps but num_outputs={self.criterion.num_outputs} "
                 "(read once from the network); a network must return the same number of maps every step"
             )
-        return [resize_logits(o, size) for o in outputs]
+        with full_precision(image.device):  # resized in float32, as the loss fuses them (no bf16 interpolation)
+            return [resize_logits(o.to(fusion_dtype(o.dtype)), size) for o in outputs]
 
     @override
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
@@ -291,26 +303,16 @@ class LoMixSegmentationModule(pl.LightningModule):
         # skip mode: the forward pass updates buffers (BatchNorm statistics); a skipped batch must not leave a trace
         saved = [b.detach().clone() for b in self.buffers()] if self.hparams.nonfinite_loss == "skip" else None
         outputs = self._network_outputs(image, mask.shape[-2:])
-        result = self.criterion(outputs, mask)
-        local = not bool(torch.isfinite(result.total))
-        if self._any_rank(local):  # every rank takes the same branch, so DDP never waits for a missing backward
-            bad = [n for n, v in zip(self.criterion.map_names, result.per_map.tolist()) if not math.isfinite(v)]
-            where = f"in maps {bad or ['<weights>']}" if local else "on another rank"
-            message = f"non-finite loss at step {self.global_step} (batch {batch_idx}) {where}"
-            if self.hparams.nonfinite_loss == "raise":
-                raise FloatingPointError(message + "; set nonfinite_loss='skip' to skip such batches")
-            self.skipped_batches += 1
-            with torch.no_grad():  # every buffer back to its value before this batch's forward pass
-                for buffer, value in zip(self.buffers(), saved):
-                    buffer.copy_(value)
-            warnings.warn(message + "; batch skipped", stacklevel=2)
-            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
-            if self._trainer is None or self.trainer.world_size <= 1:
-                return None  # Lightning skips backward and the optimizer step
-            # DDP forbids returning None: every rank returns an exact zero that reaches every parameter (so the
-            # gradient all-reduce runs as usual) and the optimizer step is dropped in on_before_optimizer_step
-            self._skip_update = True
-            return sum(p.reshape(-1)[:0].sum() for p in self.parameters() if p.requires_grad)
+        # labels checked on the host in on_before_batch_transfer need no check here (that one reads a device value)
+        result = self.criterion(outputs, mask, check_target=not self._labels_checked_on_host())
+        if self.hparams.nonfinite_loss == "skip" or not self._defer_nonfinite_check():
+            if self._nonfinite_now(result, batch_idx):  # raise mode raises there; True: skip this batch
+                with torch.no_grad():  # every buffer back to its value before this batch's forward pass
+                    for buffer, value in zip(self.buffers(), saved):
+                        buffer.copy_(value)
+                return self._skipped_batch_output()
+        else:
+            self._nonfinite_record(result, batch_idx)
         batch_size = image.shape[0]
         self.log(
             "train/loss",
@@ -329,12 +331,94 @@ class LoMixSegmentationModule(pl.LightningModule):
         )
         return result.total
 
-    def _any_rank(self, flag: bool) -> bool:
-        """``flag`` OR-reduced over all processes (no communication on one device)."""
+    # ------------------------------------------------------------------ non-finite losses
+    def _defer_nonfinite_check(self) -> bool:
+        """Whether ``raise`` mode checks later (on an accelerator, where reading the flag would drain the queue).
+
+        On the CPU reading a flag costs nothing, so the check runs at once; elsewhere the flag is kept on the
+        device and read at the next logging step and at the end of the epoch (see :meth:`_nonfinite_raise_pending`).
+        """
+        return self.device.type != "cpu"
+
+    def _nonfinite_now(self, result: LoMixLossOutput, batch_idx: int) -> bool:
+        """Check now (one host read; under DDP one all-reduce): raise, or return whether to skip the batch."""
+        local_flag = (~torch.isfinite(result.total)).to(torch.float32)
+        # every rank takes the same branch, so DDP never waits for a missing backward
+        if not bool(self._sum_over_ranks(local_flag) > 0):
+            return False
+        local = bool(local_flag > 0)
+        bad = [n for n, v in zip(self.criterion.map_names, result.per_map.tolist()) if not math.isfinite(v)]
+        where = f"in maps {bad or ['<weights>']}" if local else "on another rank"
+        message = f"non-finite loss at step {self.global_step} (batch {batch_idx}) {where}"
+        if self.hparams.nonfinite_loss == "raise":
+            raise FloatingPointError(message + "; set nonfinite_loss='skip' to skip such batches")
+        self.skipped_batches += 1
+        warnings.warn(message + "; batch skipped", stacklevel=3)
+        self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+        return True
+
+    def _sum_over_ranks(self, value: Tensor) -> Tensor:
+        """``value`` summed over all processes (one all-reduce; none on one device)."""
         trainer = self._trainer
         if trainer is None or trainer.world_size <= 1:
-            return flag
-        return trainer.strategy.reduce_boolean_decision(flag, all=False)
+            return value
+        return trainer.strategy.reduce(value.clone(), reduce_op="sum")  # the all-reduce works in place
+
+    def _skipped_batch_output(self) -> Tensor | None:
+        """What ``training_step`` returns for a skipped batch: nothing on one device, an exact zero under DDP."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None  # Lightning skips backward and the optimizer step
+        # DDP forbids returning None: every rank returns an exact zero that reaches every parameter (so the
+        # gradient all-reduce runs as usual) and the optimizer step is dropped in on_before_optimizer_step
+        self._skip_update = True
+        return sum(p.reshape(-1)[:0].sum() for p in self.parameters() if p.requires_grad)
+
+    def _nonfinite_record(self, result: LoMixLossOutput, batch_idx: int) -> None:
+        """``raise`` mode on an accelerator: remember the first non-finite step on the device (no host sync)."""
+        bad = ~torch.isfinite(result.total)
+        if self._first_nonfinite is None:
+            self._first_nonfinite = {
+                "flag": torch.zeros((), dtype=torch.bool, device=bad.device),
+                "where": torch.zeros(2, dtype=torch.long, device=bad.device),  # (global step, batch index)
+                "per_map": torch.zeros_like(result.per_map.detach()),
+            }
+        state = self._first_nonfinite
+        new = bad & ~state["flag"]
+        here = torch.tensor([self.global_step, batch_idx], device=bad.device)  # a host-to-device copy, no sync
+        state["where"] = torch.where(new, here, state["where"])
+        state["per_map"] = torch.where(new, result.per_map.detach(), state["per_map"])
+        state["flag"] = state["flag"] | bad
+
+    def _nonfinite_raise_pending(self) -> None:
+        """Read the deferred ``raise``-mode flag (one host read, under DDP one all-reduce) and raise if it is set."""
+        state = self._first_nonfinite
+        if state is None:
+            return
+        local_flag = state["flag"].to(torch.float32)
+        if not bool(self._sum_over_ranks(local_flag) > 0):
+            return
+        if bool(local_flag > 0):
+            step, batch_idx = state["where"].tolist()
+            names = self.criterion.map_names
+            bad = [n for n, v in zip(names, state["per_map"].tolist()) if not math.isfinite(v)]
+            where = f"at step {step} (batch {batch_idx}) in maps {bad or ['<weights>']}"
+        else:
+            where = "on another rank"
+        raise FloatingPointError(
+            f"non-finite loss {where} (found at step {self.global_step}: on an accelerator the check is read at "
+            "logging steps); set nonfinite_loss='skip' to skip such batches"
+        )
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        trainer = self._trainer
+        every = max(int(getattr(trainer, "log_every_n_steps", 1) or 1), 1) if trainer is not None else 1
+        if self._first_nonfinite is not None and (self.global_step % every == 0):
+            self._nonfinite_raise_pending()
+
+    @override
+    def on_train_epoch_end(self) -> None:
+        self._nonfinite_raise_pending()
 
     @override
     def on_fit_start(self) -> None:
@@ -388,9 +472,25 @@ class LoMixSegmentationModule(pl.LightningModule):
                 "do the data and the model (or checkpoint) have the same number of classes?"
             )
 
+    @override
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Check the labels while they are still on the host, so no step reads a device value to check them."""
+        mask = batch.get("mask") if isinstance(batch, Mapping) else None
+        if isinstance(mask, Tensor) and mask.device.type == "cpu" and self._trainer is not None:
+            stage = getattr(self.trainer.state.stage, "value", "")
+            self._check_labels(mask, {"train": "training", "test": "test"}.get(stage, "validation"))
+            self._host_checked = True
+        return batch
+
+    def _labels_checked_on_host(self) -> bool:
+        """Whether :meth:`on_before_batch_transfer` checked the current batch (a datamodule may override it)."""
+        checked, self._host_checked = self._host_checked, False
+        return checked
+
     def _score_batch(self, batch: Mapping[str, Tensor], scores: SegmentationScores) -> None:
         image, mask = self._check_batch(batch)
-        self._check_labels(mask, "validation" if scores is self.val_scores else "test")
+        if not self._labels_checked_on_host():
+            self._check_labels(mask, "validation" if scores is self.val_scores else "test")
         logits = resize_logits(self(image), mask.shape[-2:])
         scores.update(self.predict_labels(logits), mask.long())
 
@@ -428,7 +528,8 @@ class LoMixSegmentationModule(pl.LightningModule):
         image, mask = batch["image"], batch["mask"]
         if image.ndim == 4:  # (1, D, H, W) from a batch-size-1 loader
             image, mask = image[0], mask[0]
-        self._check_labels(mask, "test")
+        if not self._labels_checked_on_host():
+            self._check_labels(mask, "test")
         spacing = batch.get("spacing")
         if isinstance(spacing, Tensor):
             spacing = spacing.reshape(-1).tolist()
@@ -520,3 +621,10 @@ def _describe(loader: Any) -> str:
         if getattr(loader, name, None) is not None:
             parts.append(f"{name}={getattr(loader, name)}")
     return ", ".join(parts)
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter or buffer (the CPU for a module without either)."""
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -12,18 +13,30 @@ from torchmetrics import Metric
 from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
 
 
-def confusion_counts(pred: Tensor, target: Tensor, num_classes: int) -> tuple[Tensor, Tensor, Tensor]:
+def confusion_counts(
+    pred: Tensor, target: Tensor, num_classes: int, valid: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """True positives, false positives and false negatives per class of label maps of any shape.
+
+    Device-side only (``scatter_add``, no ``bincount`` or boolean indexing), so on a GPU nothing waits for the host.
+    Every value of ``pred`` and ``target`` must lie in ``[0, num_classes)``; pixels where ``valid`` is false are
+    not counted.
 
     Example:
         >>> tp, fp, fn = confusion_counts(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3)
         >>> tp.tolist(), fp.tolist(), fn.tolist()
         ([1, 1, 1], [0, 1, 0], [0, 0, 1])
+        >>> tp, fp, fn = confusion_counts(torch.tensor([0, 1, 1, 2]), torch.tensor([0, 1, 2, 2]), 3,
+        ...                               valid=torch.tensor([True, True, False, True]))
+        >>> tp.tolist(), fp.tolist(), fn.tolist()
+        ([1, 1, 1], [0, 0, 0], [0, 0, 0])
     """
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long()
-    tp = torch.bincount(target[pred == target], minlength=num_classes)
-    pred_count = torch.bincount(pred, minlength=num_classes)
-    target_count = torch.bincount(target, minlength=num_classes)
+    weight = torch.ones_like(pred) if valid is None else valid.reshape(-1).long()
+    zeros = pred.new_zeros(num_classes)
+    tp = zeros.scatter_add(0, target, (pred == target).long() * weight)
+    pred_count = zeros.scatter_add(0, pred, weight)
+    target_count = zeros.scatter_add(0, target, weight)
     return tp, pred_count - tp, target_count - tp
 
 
@@ -55,29 +68,51 @@ class SegmentationScores(Metric):
             self.add_state(name, torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("hd95_sum", torch.zeros(num_classes - 1, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("hd95_count", torch.zeros(num_classes - 1, dtype=torch.float64), dist_reduce_fx="sum")
+        self._hd95_host = np.zeros((2, num_classes - 1))  # HD95 sums and counts not yet moved to the device
 
     def update(self, pred: Tensor, target: Tensor) -> None:
-        """Add a batch of label maps ``(B, H, W)``."""
+        """Add a batch of label maps ``(B, H, W)``.
+
+        The confusion counts stay on the device; with ``hd95`` the batch is copied to the host once (scipy) and the
+        HD95 sums are kept there until :meth:`compute` (or a cross-process sync) moves them to the device.
+        """
+        keep = None
         if self.ignore_index is not None:
             keep = target != self.ignore_index
             pred, target = torch.where(keep, pred, 0), torch.where(keep, target, 0)
-            counted_pred, counted_target = pred[keep], target[keep]
-        else:
-            counted_pred, counted_target = pred, target
-        tp, fp, fn = confusion_counts(counted_pred, counted_target, self.num_classes)
+        tp, fp, fn = confusion_counts(pred, target, self.num_classes, keep)
         self.tp += tp
         self.fp += fp
         self.fn += fn
         if self.with_hd95:
-            pred_np, target_np = pred.cpu().numpy(), target.cpu().numpy()
-            for p, t in zip(pred_np, target_np):
+            both = torch.stack([pred.long(), target.long()]).cpu().numpy()  # one device-to-host copy per batch
+            for p, t in zip(both[0], both[1]):
                 values = per_class_metrics(p, t, self.num_classes, rule=self.rule)["hd95"]
                 finite = ~np.isnan(values)
-                self.hd95_sum += torch.as_tensor(np.where(finite, values, 0.0), device=self.hd95_sum.device)
-                self.hd95_count += torch.as_tensor(finite.astype(np.float64), device=self.hd95_count.device)
+                self._hd95_host[0] += np.where(finite, values, 0.0)
+                self._hd95_host[1] += finite
+
+    def _flush_host(self) -> None:
+        """Move the host-side HD95 sums into the metric states (one host-to-device copy)."""
+        if self._hd95_host.any():
+            host = torch.as_tensor(self._hd95_host, device=self.hd95_sum.device)
+            self.hd95_sum += host[0]
+            self.hd95_count += host[1]
+            self._hd95_host[:] = 0.0
+
+    def sync(self, *args: Any, **kwargs: Any) -> None:
+        """Flush the host-side sums, then gather the states across processes as usual."""
+        self._flush_host()
+        super().sync(*args, **kwargs)
+
+    def reset(self) -> None:
+        """Zero the states and the host-side sums."""
+        super().reset()
+        self._hd95_host[:] = 0.0
 
     def compute(self) -> dict[str, Tensor]:
         """``{"dice", "iou", "hd95"}``, each ``(num_classes - 1,)`` over the foreground classes."""
+        self._flush_host()
         tp, fp, fn = (x[1:].double() for x in (self.tp, self.fp, self.fn))
         dice = 2 * tp / (2 * tp + fp + fn)  # NaN when a class is absent everywhere
         iou = tp / (tp + fp + fn)
