@@ -32,7 +32,7 @@ from lomix_lightning.loss import LoMixLoss, LossName, Scheme
 from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
 from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
 from lomix_lightning.metrics.summary import print_metrics_table
-from lomix_lightning.metrics.volume import evaluate_volume
+from lomix_lightning.metrics.volume import evaluate_volume, predict_volume
 from lomix_lightning.weighting import WeightingName
 
 Operator = Literal["add", "mul", "cat", "awf"]
@@ -502,6 +502,8 @@ class LoMixSegmentationModule(pl.LightningModule):
 
     @override
     def predict_step(self, batch: Mapping[str, Tensor] | Tensor, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        if self._is_volume(batch):  # a whole test volume (1, D, H, W): slice by slice, as in testing
+            return predict_volume(self, batch["image"], img_size=self._volume_img_size())[None]  # (1, D, H, W)
         image = batch["image"] if isinstance(batch, Mapping) else batch
         return self.predict_labels(self(image))
 

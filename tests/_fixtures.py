@@ -26,7 +26,7 @@ def write_synapse(
     test_dir: str = "test_vol_h5",
     list_dir: Path | None = None,
 ) -> Path:
-    """The Synapse layout: ``train_dir/<case>_slice<k>.npz``, ``test_dir/<case>.npy.h5``, ``train.txt``/``test_vol.txt``.
+    """Synapse: ``train_dir/<case>_slice<k>.npz``, ``test_dir/<case>.npy.h5``, ``train.txt`` and ``test_vol.txt``.
 
     ``prepare-synapse`` writes ``train_npz``, ``test_vol_h5`` and ``lists``; the TransUNet/LoMix release names them
     ``train_npz_new``, ``test_vol_h5_new`` and ``lists_Synapse``. With ``labels14`` the ids are raw BTCV ones
@@ -147,7 +147,7 @@ def write_clinicdb(root: Path, n: int = 10, size: int = 48) -> tuple[Path, Path]
 
 
 def write_isic2018(root: Path, n: int = 10, size: int = 48) -> tuple[Path, Path]:
-    """ISIC 2018 Task 1: ``..._Input/ISIC_<id>.jpg`` (+ the release's text files), ``..._GroundTruth/ISIC_<id>_segmentation.png``."""
+    """ISIC 2018 Task 1: ``..._Input/ISIC_<id>.jpg`` (+ text files), ``..._GroundTruth/ISIC_<id>_segmentation.png``."""
     rng = np.random.default_rng(3)
     images = root / "ISIC2018_Task1-2_Training_Input"
     masks = root / "ISIC2018_Task1_Training_GroundTruth"
@@ -164,7 +164,7 @@ def write_isic2018(root: Path, n: int = 10, size: int = 48) -> tuple[Path, Path]
 
 
 def write_busi(folder: Path, n: int = 10, size: int = 48) -> Path:
-    """BUSI, benign/ and malignant/ copied into one folder: ``benign (k).png`` + ``benign (k)_mask.png`` (+ ``_mask_1``)."""
+    """BUSI's benign/ and malignant/ in one folder: ``benign (k).png``, ``benign (k)_mask.png`` (+ ``_mask_1``)."""
     rng = np.random.default_rng(4)
     folder.mkdir(parents=True)
     for i in range(n):
