@@ -106,16 +106,23 @@ class LoMixCLI(LightningCLI):
         self._raw_args = (
             [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
         )
+        for name in self._config_files():
+            _check_config_file(Path(name))
         super().parse_arguments(parser, args)
+
+    def _config_files(self) -> list[str]:
+        """The ``--config`` (and ``--model``/``--data`` file) arguments of the command line, in order."""
+        args = getattr(self, "_raw_args", [])
+        files = [b for a, b in zip(args, args[1:]) if a in ("--config", "--model", "--data")]
+        files += [a.split("=", 1)[1] for a in args if a.startswith(("--config=", "--model=", "--data="))]
+        return files
 
     def _given_num_classes(self) -> bool:
         """Whether the command line or a config file sets the model's ``num_classes`` (else it is the default)."""
         args = getattr(self, "_raw_args", [])
         if any(re.match(r"--model\.(init_args\.)?num_classes(=|$)", a) for a in args):
             return True
-        files = [b for a, b in zip(args, args[1:]) if a in ("--config", "--model")]
-        files += [a.split("=", 1)[1] for a in args if a.startswith(("--config=", "--model="))]
-        for name in files:
+        for name in self._config_files():
             path = Path(name)
             if path.is_file():
                 config = yaml.safe_load(path.read_text()) or {}
@@ -206,6 +213,24 @@ class LoMixCLI(LightningCLI):
         plots = {str(output_dir(trainer, c.dirpath)) for c in trainer.callbacks if isinstance(c, weight_callbacks)}
         lines.extend(f"LoMix weight plots and CSV: {path}" for path in sorted(plots))
         print("\n".join(["", "lomix fit finished.", *lines]))
+
+
+def _check_config_file(path: Path) -> None:
+    """Refuse an empty config file, or one that is not a mapping, in plain words (jsonargparse: "Unexpected config")."""
+    if not path.is_file() or path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        return  # jsonargparse names a missing file; --model/--data may also be a class name
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return  # jsonargparse reports the syntax error with its position
+    if config is None:
+        raise LomixUserError(f"config file {str(path)!r} is empty (or only comments); it needs options such as "
+                             "'trainer: {max_epochs: 10}'")  # fmt: skip
+    if not isinstance(config, dict):
+        raise LomixUserError(
+            f"config file {str(path)!r} must hold a mapping of options (trainer:, model:, data:, ...), "
+            f"got a {type(config).__name__}"
+        )
 
 
 TRACEBACK_ENV = "LOMIX_TRACEBACK"

@@ -72,13 +72,14 @@ def write_acdc(
     counts=(6, 2, 2),
     shape=(48, 40),
     depth: int = 8,
+    volume_shape=(50, 44),
 ) -> Path:
     """The ACDC layout: ``{train,valid}/*.npz`` slices and ``test/*.npz`` volumes (keys ``img``, ``label``) + lists."""
     rng = np.random.default_rng(0)
     names = {"train": [], "valid": [], "test": []}
-    height, width = shape
 
-    def label_map(*lead: int) -> np.ndarray:
+    def label_map(*lead: int, size=shape) -> np.ndarray:
+        height, width = size
         label = np.zeros((*lead, height, width))
         label[..., height // 10 : height * 4 // 10, width // 8 : width // 2] = 1
         label[..., height // 2 : height * 6 // 10, width // 4 : width * 7 // 8] = 2
@@ -94,7 +95,7 @@ def write_acdc(
             names[split].append(name)
     (root / "test").mkdir()
     for i in range(counts[2]):
-        label = label_map(depth)
+        label = label_map(depth, size=volume_shape)  # test volumes: another in-plane size than the slices
         label[: depth // 4] = 0
         name = f"case_{i:03d}_volume_ED.npz"
         np.savez(root / "test" / name, img=0.3 * rng.random(label.shape) + 0.2 * label, label=label)
