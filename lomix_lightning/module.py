@@ -247,6 +247,8 @@ class LoMixSegmentationModule(pl.LightningModule):
         for name, value in self.hparams_initial.items():
             if name in data_hparams and name not in ours and not name.startswith("_"):  # _class_path: the CLI's
                 ours[name], theirs[name] = value, data_hparams[name]
+        if isinstance(theirs["num_classes"], int) and max(theirs["num_classes"], 2) == max(self.num_classes, 2):
+            theirs["num_classes"] = self.num_classes  # one sigmoid channel scores the two classes of binary data
         for name, value in ours.items():
             other = theirs[name]
             if value is not None and other is not None and (type(value) is not type(other) or value != other):

@@ -11,6 +11,7 @@ import csv
 import math
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -119,6 +120,9 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:  # in-process, the next WandbLogger would reuse this run
+        wandb.finish()
 
 
 @pytest.fixture(scope="module")
