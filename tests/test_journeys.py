@@ -40,12 +40,13 @@ UNET = ["--model.init_args.network.init_args.base_channels=4", "--model.init_arg
 PVT = ["--model.init_args.network.init_args.pretrained=false", "--model.init_args.network.init_args.encoder=pvt_v2_b0"]
 FILES = ["--data.init_args.img_size=32", "--data.init_args.num_workers=0"]
 TRANSUNET_RELEASE = [
+    "--data.init_args.root=data/Synapse",
     "--data.init_args.train_dir=train_npz_new",
     "--data.init_args.test_dir=test_vol_h5_new",
-    "--data.init_args.list_dir=data/synapse_release/lists_Synapse",
-    "--data.init_args.root=data/synapse_release",
+    "--data.init_args.list_dir=data/Synapse/lists_Synapse",
     "--data.init_args.class_order=transunet",
 ]
+"""The README's command for the TransUNet/LoMix release (checked by test_readme_release_command_is_the_journeys)."""
 SHAPES = ["blob", "lines", "dots"]  # SyntheticShapesDataModule's names of classes 1-3
 
 
@@ -132,7 +133,7 @@ def data_root(tmp_path_factory):
     data = root / "data"
     cases = ["case0005", "case0006", "case0007"]  # the last two are the validation cases
     write_synapse(data / "synapse", cases, slices=2, size=32, depth=4)  # what `lomix prepare-synapse` writes
-    release = data / "synapse_release"
+    release = data / "Synapse"  # the TransUNet/LoMix release's names
     write_synapse(release, cases, slices=2, size=32, depth=4, labels14=False, train_dir="train_npz_new",
                   test_dir="test_vol_h5_new", list_dir=release / "lists_Synapse")  # fmt: skip
     write_acdc(data / "ACDC", shape=(32, 32), depth=4)
@@ -244,3 +245,12 @@ def test_journey(config, journey, data_root, tmp_path, monkeypatch, capsys):
         float(got.sum())
     )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_readme_release_command_is_the_journeys():
+    readme = (CONFIG_DIR.parent / "README.md").read_text()
+    block = readme.split("The TransUNet/LoMix preprocessed release works", 1)[1].split("```bash\n", 1)[1]
+    command = block.split("```", 1)[0].replace("\\\n", " ").split()
+    assert command[:4] == ["lomix", "fit", "--config", "configs/synapse_pvt_emcad_b2.yaml"]
+    assert command[4:] == TRANSUNET_RELEASE
+    assert "pytest -q -k journey" in readme.split("## Development", 1)[1]
