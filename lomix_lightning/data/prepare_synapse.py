@@ -126,7 +126,7 @@ def prepare_synapse(
         >>> prepare_synapse("raw", "out", train_cases=["case0001"], test_cases=["case0001"])
         Traceback (most recent call last):
         ...
-        ValueError: cases in both train_cases and test_cases: ['case0001']
+        lomix_lightning.errors.LomixUserError: cases in both train_cases and test_cases: ['case0001']
     """
     overlap = sorted(set(train_cases) & set(test_cases))
     if overlap:
