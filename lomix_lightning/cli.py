@@ -280,7 +280,20 @@ def user_error_message(error: BaseException) -> str | None:
         '`batch_size` must be an integer >= 1, got 0'
         >>> user_error_message(TypeError("len() of unsized object")) is None
         True
+        >>> try:  # jsonargparse re-raises what a class's __init__ raised as a ValueError "from" it
+        ...     try:
+        ...         raise LomixUserError("`encoder_name` 'x' is not a timm model")
+        ...     except LomixUserError as error:
+        ...         raise ValueError("Does not validate against any of the Union subtypes") from error
+        ... except ValueError as wrapped:
+        ...     user_error_message(wrapped)
+        "`encoder_name` 'x' is not a timm model"
     """
+    cause = error.__cause__  # jsonargparse wraps an exception of a class's __init__ in a ValueError "from" it
+    while cause is not None:
+        if isinstance(cause, _USER_ERRORS):
+            return user_error_message(cause)
+        cause = cause.__cause__
     message = _worker_message(str(error))
     if isinstance(error, FloatingPointError):
         return f"FloatingPointError: {message}"

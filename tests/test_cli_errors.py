@@ -5,6 +5,7 @@ Also the one-line errors of issue #17 (item 5), the checkpoint's ``num_classes``
 """
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,3 +245,11 @@ def test_mask_reading_errors_name_the_file(tmp_path):
     bad.write_bytes(b"")
     with pytest.raises(LomixUserError, match=f"cannot read the image file {bad}"):
         _load_pair(FolderPair("a", bad, bad))
+
+
+def test_user_error_in_a_class_init_wrapped_by_jsonargparse_stays_a_user_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = str(Path(__file__).parents[1] / "configs" / "timm_unet.yaml")
+    argv = ["fit", "--config", config, "--model.init_args.network.init_args.encoder_name=no_such_net"]
+    line = _user_error(capsys, argv)  # jsonargparse raises ValueError("Does not validate ...") from our error
+    assert line == "lomix: error: `encoder_name` 'no_such_net' is not a timm model (see `timm.list_models()`)."
