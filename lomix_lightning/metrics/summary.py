@@ -80,7 +80,7 @@ def metrics_table(
     n = len(dice)
     if len(class_names) != n or len(dist) != n or len(iou) != n:
         raise ValueError(f"got {len(class_names)} class names for {n} classes ({len(dist)} HD95, {len(iou)} IoU)")
-    table = Table(title=title)
+    table = Table(title=title, min_width=len(title))  # the title on one line
     table.add_column("Class")
     for header in ("Dice (%)", "HD95", "IoU (%)"):
         table.add_column(header, justify="right")
