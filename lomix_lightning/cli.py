@@ -289,8 +289,8 @@ def user_error_message(error: BaseException) -> str | None:
         ...     user_error_message(wrapped)
         "`encoder_name` 'x' is not a timm model"
     """
-    cause = error.__cause__  # jsonargparse wraps an exception of a class's __init__ in a ValueError "from" it
-    while cause is not None:
+    cause = None if isinstance(error, _USER_ERRORS) else error.__cause__
+    while cause is not None:  # jsonargparse wraps an exception of a class's __init__ in a ValueError "from" it
         if isinstance(cause, _USER_ERRORS):
             return user_error_message(cause)
         cause = cause.__cause__
