@@ -315,8 +315,8 @@ def _report(error: BaseException) -> int:
         return _error(message)
     first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
     return _error(
-        f"{type(error).__name__}{': ' + first if first else ''} (a bug in lomix-lightning or a library it uses, "
-        f"not in your input; rerun with {TRACEBACK_ENV}=1 to see the traceback, and please report it)",
+        f"{type(error).__name__}{': ' + first if first else ''} (no known input mistake: a bug in lomix-lightning, "
+        f"a library, or your own network or data code; rerun with {TRACEBACK_ENV}=1 to see the traceback)",
         code=1,
         label="internal error",
     )
