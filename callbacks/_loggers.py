@@ -3,16 +3,42 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from matplotlib.figure import Figure
 
 from lomix_lightning.callbacks._plots import figure_to_rgb
 
 WandbPayload = Callable[[Any], dict[str, Any]]
 """Builds extra W&B objects (charts, tables) from the imported ``wandb`` module."""
+
+
+def run_dir(trainer: pl.Trainer) -> Path:
+    """The directory of this run for files next to the logs: the first logger's run folder, one per run.
+
+    TensorBoard and CSV: their ``log_dir`` (``<save_dir>/<name>/version_<k>``). Any other logger (W&B, MLflow, ...):
+    ``<save_dir>/<name>/<version>``, the folder Lightning's ``ModelCheckpoint`` uses for that run (for W&B:
+    ``<save_dir>/<project>/<run id>``), so two runs never share it. No logger: ``default_root_dir``.
+
+    Example:
+        >>> from lightning.pytorch.loggers import CSVLogger
+        >>> trainer = pl.Trainer(logger=CSVLogger("runs", name="demo", version=3), enable_progress_bar=False)
+        >>> run_dir(trainer).as_posix()
+        'runs/demo/version_3'
+    """
+    if not trainer.loggers:
+        return Path(trainer.default_root_dir)
+    logger = trainer.loggers[0]
+    if isinstance(logger, (TensorBoardLogger, CSVLogger)):
+        return Path(logger.log_dir)
+    save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
+    name, version = logger.name, logger.version
+    if name is None or version is None:
+        return Path(save_dir)
+    return Path(save_dir) / str(name) / (version if isinstance(version, str) else f"version_{version}")
 
 
 def send_figures(trainer: pl.Trainer, figures: dict[str, Figure], wandb_payload: WandbPayload | None = None) -> None:

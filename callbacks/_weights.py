@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
+from lomix_lightning.callbacks._loggers import run_dir
 from lomix_lightning.loss import LoMixLoss
 from lomix_lightning.ops.subsets import FAMILIES
 
@@ -110,17 +110,11 @@ def log_scalars(trainer: pl.Trainer, metrics: dict[str, float]) -> None:
 def output_dir(trainer: pl.Trainer, dirpath: str | os.PathLike | None) -> Path:
     """Where files go: ``dirpath``, else ``<log dir>/lomix_weights``, created if needed.
 
-    The log dir follows ``trainer.log_dir`` (TensorBoard/CSV ``log_dir``, another logger's ``save_dir``, or
-    ``default_root_dir`` without a logger) without its broadcast, so rank zero can call this alone.
+    The run's folder is :func:`~lomix_lightning.callbacks._loggers.run_dir` (TensorBoard/CSV ``log_dir``,
+    ``<save_dir>/<project>/<run id>`` for W&B, ``default_root_dir`` without a logger), computed without a
+    broadcast, so rank zero can call this alone.
     """
-    if dirpath is not None:
-        path = Path(dirpath)
-    else:
-        root: Any = trainer.default_root_dir
-        if trainer.loggers:
-            logger = trainer.loggers[0]
-            root = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
-        path = Path(root if root is not None else trainer.default_root_dir) / OUTPUT_SUBDIR
+    path = Path(dirpath) if dirpath is not None else run_dir(trainer) / OUTPUT_SUBDIR
     path.mkdir(parents=True, exist_ok=True)
     return path
 

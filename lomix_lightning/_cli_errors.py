@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import re
+from typing import NoReturn
+
+from lomix_lightning.errors import LomixUserError
 
 _KEY = re.compile(r'^Parser key "([^"]+)":\s*(.*)$')
 _CLASS = re.compile(r"^Problem with given class_path '([^']+)':\s*(.*)$")
@@ -82,3 +86,20 @@ def summarize_error(message: str) -> str:
         value = got if got is not None else given
         return f"{prefix}invalid value {value!r}; {_expected_text(expected)}"
     return " ".join(message.split())
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """An ``argparse`` parser whose errors raise :class:`LomixUserError` (one line from ``lomix``), not a usage dump.
+
+    Example:
+        >>> parser = OneLineArgumentParser(prog="lomix export")
+        >>> _ = parser.add_argument("--input_size", type=int)
+        >>> parser.parse_args(["--input_size", "x"])
+        Traceback (most recent call last):
+        ...
+        lomix_lightning.errors.LomixUserError: lomix export: argument --input_size: invalid int value: 'x'
+    """
+
+    def error(self, message: str) -> NoReturn:
+        """Raise instead of printing the usage and exiting."""
+        raise LomixUserError(f"{self.prog}: {message}")

@@ -12,6 +12,8 @@ from typing import Any
 
 from torch import nn
 
+from lomix_lightning.errors import LomixUserError
+
 
 def record_init_args(cls: type) -> type:
     """Class decorator: instances remember ``{"class_path", "init_args"}`` of the outermost ``__init__`` call.
@@ -77,14 +79,16 @@ def instantiate_network(config: Mapping[str, Any]) -> nn.Module:
     """
     class_path = config.get("class_path")
     if not isinstance(class_path, str) or "." not in class_path:
-        raise ValueError(f"a network config needs a 'class_path' such as 'lomix_lightning.models.UNet', got {config!r}")
+        raise LomixUserError(
+            f"a network config needs a 'class_path' such as 'lomix_lightning.models.UNet', got {config!r}"
+        )
     module_name, _, name = class_path.rpartition(".")
     if module_name not in sys.modules:
-        raise ValueError(
+        raise LomixUserError(
             f"network class {class_path!r}: module {module_name!r} is not imported; import it before loading "
             "(checkpoints never import code by themselves)"
         )
     cls = getattr(importlib.import_module(module_name), name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"network class {class_path!r} is not an nn.Module subclass")
+        raise LomixUserError(f"network class {class_path!r} is not an nn.Module subclass")
     return cls(**dict(config.get("init_args") or {}))

@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
+import traceback
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
 from jsonargparse import ArgumentError
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from lomix_lightning._checkpoint import read_checkpoint
 from lomix_lightning._cli_errors import summarize_error
 from lomix_lightning._interrupt import EXIT_CODES, InterruptCheckpoint
+from lomix_lightning.errors import LomixUserError
 
 DEMO_MODEL: dict[str, Any] = {
     "class_path": "lomix_lightning.LoMixSegmentationModule",
@@ -95,6 +101,68 @@ class LoMixCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, remembering the raw arguments (to tell an explicit ``--model.num_classes`` from the default)."""
+        self._raw_args = (
+            [str(a) for a in (sys.argv[1:] if args is None else args)] if not isinstance(args, dict) else []
+        )
+        for name in self._config_files():
+            _check_config_file(Path(name))
+        super().parse_arguments(parser, args)
+
+    def _config_files(self) -> list[str]:
+        """The ``--config`` (and ``--model``/``--data`` file) arguments of the command line, in order."""
+        args = getattr(self, "_raw_args", [])
+        files = [b for a, b in zip(args, args[1:]) if a in ("--config", "--model", "--data")]
+        files += [a.split("=", 1)[1] for a in args if a.startswith(("--config=", "--model=", "--data="))]
+        return files
+
+    def _given_num_classes(self) -> bool:
+        """Whether the command line or a config file sets the model's ``num_classes`` (else it is the default)."""
+        args = getattr(self, "_raw_args", [])
+        if any(re.match(r"--model\.(init_args\.)?num_classes(=|$)", a) for a in args):
+            return True
+        for name in self._config_files():
+            path = Path(name)
+            if path.is_file():
+                config = yaml.safe_load(path.read_text()) or {}
+                model = config.get("model", config) if isinstance(config, dict) else {}
+                if isinstance(model, dict) and (
+                    "num_classes" in model or "num_classes" in (model.get("init_args") or {})
+                ):
+                    return True
+        return False
+
+    def _parse_ckpt_path(self) -> None:
+        """Check ``--ckpt_path`` and take the model's hyper-parameters from it, as LightningCLI does.
+
+        The file is read once with ``weights_only=True``; a missing, truncated, foreign or pickled file and a given
+        ``num_classes`` that differs from the checkpoint's are one-line errors (LightningCLI would let the
+        checkpoint's silently win).
+        """
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or (ckpt_path in ("best", "last", "hpc") and not Path(ckpt_path).exists()):
+            return  # Lightning's own names: resolved by the Trainer
+        hparams = dict(read_checkpoint(ckpt_path).get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        saved = hparams.get("num_classes")
+        model = self.config[subcommand].get("model")
+        given = model.get("init_args", {}).get("num_classes") if hasattr(model, "get") else None
+        if isinstance(saved, int) and isinstance(given, int) and given != saved and self._given_num_classes():
+            raise LomixUserError(
+                f"model.num_classes={given} contradicts the checkpoint {ckpt_path!r}, trained with "
+                f"num_classes={saved}; drop the option (the model's hyper-parameters come from the checkpoint) "
+                f"or use a checkpoint trained with {given} classes"
+            )
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({subcommand: {"model": hparams}}, self.config)
+
     def _dump_config(self) -> None:
         super()._dump_config()
         # Lightning 2.6 sets the linked in_channels into model.init_args.network.init_args of this dump and fails with
@@ -111,6 +179,20 @@ class LoMixCLI(LightningCLI):
         if not any(isinstance(c, InterruptCheckpoint) for c in trainer.callbacks):
             trainer.callbacks.append(InterruptCheckpoint())
         return trainer
+
+    def after_predict(self) -> None:
+        """Say what was predicted and how to keep it (the CLI returns the predictions to no one)."""
+        if not self.trainer.is_global_zero:
+            return
+        batches = self.trainer.predict_loop.predictions or []
+        if batches and isinstance(batches[0], list):  # several predict dataloaders
+            batches = [b for loader in batches for b in loader]
+        shapes = sorted({tuple(b.shape[1:]) for b in batches if hasattr(b, "shape")})
+        count = sum(int(b.shape[0]) for b in batches if hasattr(b, "shape"))
+        print(
+            f"\nlomix predict finished: {count} label maps of shape {', '.join(map(str, shapes)) or '-'} "
+            "(add a lightning.pytorch.callbacks.BasePredictionWriter to --trainer.callbacks to save them)"
+        )
 
     def after_fit(self) -> None:
         """Tell the user where the checkpoints, logs and plots went."""
@@ -133,13 +215,42 @@ class LoMixCLI(LightningCLI):
         print("\n".join(["", "lomix fit finished.", *lines]))
 
 
-_HINTS = (("but got num_samples=0", "a shuffled DataLoader got an empty dataset"),)
-"""Plain-words context for cryptic messages from dependencies: (text in the message, what it means)."""
+def _check_config_file(path: Path) -> None:
+    """Refuse an empty config file, or one that is not a mapping, in plain words (jsonargparse: "Unexpected config")."""
+    if not path.is_file() or path.suffix.lower() not in (".yaml", ".yml", ".json"):
+        return  # jsonargparse names a missing file; --model/--data may also be a class name
+    try:
+        config = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        return  # jsonargparse reports the syntax error with its position
+    if config is None:
+        raise LomixUserError(f"config file {str(path)!r} is empty (or only comments); it needs options such as "
+                             "'trainer: {max_epochs: 10}'")  # fmt: skip
+    if not isinstance(config, dict):
+        raise LomixUserError(
+            f"config file {str(path)!r} must hold a mapping of options (trainer:, model:, data:, ...), "
+            f"got a {type(config).__name__}"
+        )
 
 
-def _with_hint(message: str) -> str:
-    hint = next((hint for needle, hint in _HINTS if needle in message), None)
-    return f"{hint} ({message})" if hint else message
+TRACEBACK_ENV = "LOMIX_TRACEBACK"
+"""Set this environment variable to 1 to see the traceback of any error (``LOMIX_TRACEBACK=1 lomix fit ...``)."""
+
+_USER_ERRORS: tuple[type[BaseException], ...] = (
+    LomixUserError,  # our own checks of arguments, files and data
+    ArgumentError,  # jsonargparse: a bad flag, value or config file
+    MisconfigurationException,  # Lightning: options that do not go together
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    UnpicklingError,  # torch.load(weights_only=True) of a file that needs unpickling
+    FloatingPointError,  # the training diverged (non-finite loss); the message says what to do
+)
+"""Exceptions that are the user's to fix: printed as one line, exit status 2. Anything else is an internal error."""
+
+_LIBRARY_USER_MESSAGES = (("but got num_samples=0", "a shuffled DataLoader got an empty dataset"),)
+"""ValueErrors of dependencies that are the user's to fix: (text in the message, what it means in plain words)."""
 
 
 def _rank() -> int:
@@ -151,6 +262,64 @@ def _error(message: str, code: int = 2, label: str = "error") -> int:
     where = f"lomix (rank {rank})" if rank else "lomix"
     print(f"{where}: {label}: {' '.join(str(message).split())}", file=sys.stderr)
     return code
+
+
+def _worker_message(message: str) -> str:
+    """The original message of an exception that a DataLoader worker re-raised with its traceback as the text."""
+    if "Original Traceback" not in message:
+        return message
+    last = [line for line in message.splitlines() if line.strip()][-1]
+    return re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """The one-line message of a user's mistake, or ``None`` when ``error`` is an internal error.
+
+    Example:
+        >>> user_error_message(LomixUserError("`batch_size` must be an integer >= 1, got 0"))
+        '`batch_size` must be an integer >= 1, got 0'
+        >>> user_error_message(TypeError("len() of unsized object")) is None
+        True
+        >>> try:  # jsonargparse re-raises what a class's __init__ raised as a ValueError "from" it
+        ...     try:
+        ...         raise LomixUserError("`encoder_name` 'x' is not a timm model")
+        ...     except LomixUserError as error:
+        ...         raise ValueError("Does not validate against any of the Union subtypes") from error
+        ... except ValueError as wrapped:
+        ...     user_error_message(wrapped)
+        "`encoder_name` 'x' is not a timm model"
+    """
+    cause = None if isinstance(error, _USER_ERRORS) else error.__cause__
+    while cause is not None:  # jsonargparse wraps an exception of a class's __init__ in a ValueError "from" it
+        if isinstance(cause, _USER_ERRORS):
+            return user_error_message(cause)
+        cause = cause.__cause__
+    message = _worker_message(str(error))
+    if isinstance(error, FloatingPointError):
+        return f"FloatingPointError: {message}"
+    if isinstance(error, _USER_ERRORS):
+        return summarize_error(message)
+    if isinstance(error, ValueError):
+        hint = next((hint for needle, hint in _LIBRARY_USER_MESSAGES if needle in message), None)
+        if hint is not None:
+            return f"{hint} ({summarize_error(message)})"
+    return None
+
+
+def _report(error: BaseException) -> int:
+    """One line for ``error``: a user error (exit 2) or an internal error (exit 1); the traceback on request."""
+    if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
+        traceback.print_exception(error, file=sys.stderr)
+    message = user_error_message(error)
+    if message is not None:
+        return _error(message)
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    return _error(
+        f"{type(error).__name__}{': ' + first if first else ''} (no known input mistake: a bug in lomix-lightning, "
+        f"a library, or your own network or data code; rerun with {TRACEBACK_ENV}=1 to see the traceback)",
+        code=1,
+        label="internal error",
+    )
 
 
 def _interrupted(error: SIGTERMException) -> int:
@@ -170,7 +339,12 @@ def _run_cli(args: list[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lomix`` console script."""
+    """Entry point of the ``lomix`` console script.
+
+    A user's mistake (a bad flag or value, a missing or unreadable file, wrong data) is one line
+    ``lomix: error: ...`` and exit status 2; any other failure is one line ``lomix: internal error: ...`` and exit
+    status 1. ``LOMIX_TRACEBACK=1`` prints the traceback before that line.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args else None
     try:
@@ -197,24 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     except KeyboardInterrupt:
         return _aborted()
-    except ArgumentError as error:
-        return _error(summarize_error(str(error)))
-    except (ValueError, MisconfigurationException) as error:
-        return _error(_with_hint(summarize_error(str(error))))
-    except UnpicklingError as error:  # torch.load(weights_only=True) met a pickled object, or no checkpoint at all
-        return _error(_unpickling_reason(str(error)))
-    except (TypeError, FileNotFoundError, ImportError, FloatingPointError) as error:
-        return _error(f"{type(error).__name__}: {summarize_error(str(error))}")
+    except Exception as error:  # noqa: BLE001 - every error ends in one line; user or internal is decided there
+        return _report(error)
     return 0
-
-
-def _unpickling_reason(message: str) -> str:
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    unsafe = next((line for line in lines if "Unsupported global" in line), None)
-    if unsafe is not None:
-        return f"the checkpoint holds pickled code, refused by torch.load(weights_only=True): {unsafe}"
-    after = [line for line in lines if not line.startswith(("Weights only load failed", "Please file", "Check the"))]
-    return f"not a readable PyTorch checkpoint (damaged, or another format): {' '.join(after or lines[:1])}"
 
 
 def _aborted() -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -10,6 +9,10 @@ from typing import Literal
 
 import torch
 from torch import nn
+
+from lomix_lightning._checkpoint import read_checkpoint
+from lomix_lightning._cli_errors import OneLineArgumentParser
+from lomix_lightning.errors import LomixUserError
 
 ExportFormat = Literal["export", "torchscript", "state_dict"]
 
@@ -19,8 +22,7 @@ def load_module(ckpt_path: str | Path, map_location: str = "cpu") -> nn.Module:
     from lomix_lightning.module import LoMixSegmentationModule
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    read_checkpoint(path)  # a missing, truncated, foreign or pickled file: one LomixUserError naming it
     return LoMixSegmentationModule.load_from_checkpoint(path, map_location=map_location, weights_only=True)
 
 
@@ -44,6 +46,10 @@ def export_checkpoint(
     Returns:
         The written path.
     """
+    if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 1:
+        raise LomixUserError(f"--input_size must be a positive integer, got {input_size!r}")
+    if in_channels is not None and (isinstance(in_channels, bool) or in_channels < 1):
+        raise LomixUserError(f"--in_channels must be a positive integer, got {in_channels!r}")
     module = load_module(ckpt_path)
     exported = module.export_network()
     channels = in_channels or getattr(module.network, "in_channels", None) or 3
@@ -64,13 +70,13 @@ def export_checkpoint(
             program = torch.export.export(exported, (example,))
         torch.export.save(program, output)
     else:
-        raise ValueError(f"unknown format {fmt!r}; allowed are 'export', 'torchscript', 'state_dict'")
+        raise LomixUserError(f"unknown format {fmt!r}; allowed are 'export', 'torchscript', 'state_dict'")
     return output
 
 
 def export_main(argv: Sequence[str]) -> int:
     """``lomix export --ckpt_path CKPT --output FILE [--format ...] [--input_size N]``."""
-    parser = argparse.ArgumentParser(prog="lomix export", description=export_checkpoint.__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(prog="lomix export", description=export_checkpoint.__doc__.splitlines()[0])
     parser.add_argument("--ckpt_path", required=True, help="checkpoint to export")
     parser.add_argument("--output", required=True, help="output file")
     parser.add_argument("--format", default="export", choices=["export", "torchscript", "state_dict"])

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Sequence
+
+from lomix_lightning._cli_errors import OneLineArgumentParser
 
 
 def prepare_synapse_main(argv: Sequence[str]) -> int:
     """Parse the arguments and run :func:`lomix_lightning.data.prepare_synapse`."""
     from lomix_lightning.data.prepare_synapse import prepare_synapse
 
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lomix prepare-synapse",
         description="Convert the raw Synapse abdomen CT (RawData/Training/img, label) into train_npz/, test_vol_h5/ "
         "and list files (HU clipped to [-125, 275], scaled to [0, 1]). "

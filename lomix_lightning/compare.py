@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -16,6 +15,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 from scipy.stats import wilcoxon
+
+from lomix_lightning._cli_errors import OneLineArgumentParser
+from lomix_lightning.errors import LomixUserError
 
 SCHEME_ORDER = ("last_layer", "deep_supervision", "mutation", "lomix")
 DEMO_ARGS = ("--trainer.max_epochs=8", "--model.init_args.network.init_args.base_channels=8")
@@ -101,9 +103,9 @@ def run_comparison(
     """
     unknown = [s for s in schemes if s not in SCHEME_ORDER]
     if unknown:
-        raise ValueError(f"unknown schemes {unknown}; allowed are {list(SCHEME_ORDER)}")
+        raise LomixUserError(f"unknown schemes {unknown}; allowed are {list(SCHEME_ORDER)}")
     if not seeds:
-        raise ValueError("give at least one seed")
+        raise LomixUserError("give at least one seed")
     console = console or Console()
     output = Path(output)
     if config is None:
@@ -214,7 +216,7 @@ def write_reports(results: Sequence[RunResult], output: Path, console: Console |
 
 def compare_main(argv: Sequence[str]) -> int:
     """``lomix compare [--config C] [--schemes ...] [--seeds ...] [--train-fractions ...] [--output DIR]``."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         prog="lomix compare",
         description="Train and test each supervision scheme over several seeds (and label fractions), then report "
         "mean ± std and Wilcoxon signed-rank tests of lomix against each scheme. Finished runs are skipped, so an "

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lomix_lightning.errors import LomixUserError, LomixUserTypeError
+
 InferenceOutput = Literal["last", "sum"]
 
 
@@ -25,7 +27,9 @@ def as_output_list(outputs: Tensor | Sequence[Tensor]) -> list[Tensor]:
     kind = type(outputs).__name__
     if isinstance(outputs, (list, tuple)):
         kind = f"{kind} of {[type(o).__name__ for o in outputs]}"
-    raise TypeError(f"the network must return a Tensor or a list/tuple of Tensors (coarse to fine), got {kind}")
+    raise LomixUserTypeError(
+        f"the network must return a Tensor or a list/tuple of Tensors (coarse to fine), got {kind}"
+    )
 
 
 def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
@@ -67,7 +71,7 @@ class PredictionNetwork(nn.Module):
     def __init__(self, core: nn.Module, mode: InferenceOutput = "last") -> None:
         super().__init__()
         if mode not in ("last", "sum"):
-            raise ValueError(f"mode must be 'last' or 'sum', got {mode!r}")
+            raise LomixUserError(f"mode must be 'last' or 'sum', got {mode!r}")
         self.core = core
         self.mode = mode
 

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lomix_lightning._config import instantiate_network, network_config
+from lomix_lightning.errors import LomixUserError, LomixUserTypeError
 from lomix_lightning.export import (
     InferenceOutput,
     PredictionNetwork,
@@ -31,7 +32,7 @@ from lomix_lightning.loss import LoMixLoss, LoMixLossOutput, LossName, Scheme
 from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
 from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
 from lomix_lightning.metrics.summary import print_metrics_table
-from lomix_lightning.metrics.volume import evaluate_volume
+from lomix_lightning.metrics.volume import evaluate_volume, predict_volume
 from lomix_lightning.native import engine as native_engine
 from lomix_lightning.precision import full_precision, fusion_dtype
 from lomix_lightning.weighting import WeightingName
@@ -76,7 +77,8 @@ class LoMixSegmentationModule(pl.LightningModule):
             code decays them with the network; ``0.0`` exempts them).
         hd95: Compute HD95 in validation and test (scipy, on the CPU).
         hd95_empty_rule: Empty-mask rule of HD95/Dice per case: ``transunet`` (the paper's tables) or ``nan``.
-        img_size: Slice size used to predict volume test sets; ``None`` = the datamodule's ``img_size``.
+        img_size: Slice size used to predict volume test sets; ``None`` (default) = the datamodule's ``img_size``.
+            Only a given value is a hyper-parameter, and it must equal the datamodule's ``img_size`` if it has one.
         nonfinite_loss: ``raise`` an error naming the maps with a NaN/Inf loss, or ``skip`` the batch and count it
             (one device-to-host read per step, one all-reduce under DDP); a skipped batch leaves the model as it was:
             no optimizer step, and every buffer (BatchNorm statistics) restored to its value before the batch's
@@ -121,23 +123,27 @@ class LoMixSegmentationModule(pl.LightningModule):
         super().__init__()
         # built by LightningCLI: hparams are the parsed config (plain data); built in Python: drop the objects here
         from_config = _given_hyperparameters.get() is not None
-        self.save_hyperparameters(ignore=None if from_config else ["network", "optimizer", "lr_scheduler"])
+        ignore = [] if from_config else ["network", "optimizer", "lr_scheduler"]
+        if img_size is None:  # follows the data: no hparam that could contradict the datamodule's img_size
+            ignore.append("img_size")
+        self.save_hyperparameters(ignore=ignore)
+        self.img_size = img_size
         if isinstance(network, Mapping):  # a plain-data config from a checkpoint
             network = instantiate_network(network)
         if not isinstance(network, nn.Module):
-            raise TypeError(
+            raise LomixUserTypeError(
                 f"network must be an nn.Module returning a list of logit maps, got {type(network).__name__}"
             )
         self._store_plain_hparams(network, optimizer, lr_scheduler)
         if not isinstance(num_classes, int) or num_classes < 1:
-            raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
+            raise LomixUserError(f"num_classes must be an integer >= 1, got {num_classes!r}")
         if inference_output not in ("last", "sum"):
-            raise ValueError(f"inference_output must be 'last' or 'sum', got {inference_output!r}")
+            raise LomixUserError(f"inference_output must be 'last' or 'sum', got {inference_output!r}")
         if nonfinite_loss not in ("raise", "skip"):
-            raise ValueError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
+            raise LomixUserError(f"nonfinite_loss must be 'raise' or 'skip', got {nonfinite_loss!r}")
         network_classes = getattr(network, "num_classes", None)
         if isinstance(network_classes, int) and network_classes != num_classes:
-            raise ValueError(
+            raise LomixUserError(
                 f"num_classes={num_classes} but the network predicts {network_classes} classes; "
                 "build the network with the same num_classes (the CLI links model.num_classes to it)"
             )
@@ -187,7 +193,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         if self.num_classes == 1 and len(names) == 1:
             names = ["background", names[0]]
         if len(names) != expected:
-            raise ValueError(
+            raise LomixUserError(
                 f"class_names has {len(names)} entries but num_classes={self.num_classes} needs {expected} "
                 "(background first)"
             )
@@ -196,11 +202,19 @@ class LoMixSegmentationModule(pl.LightningModule):
     def _build_criterion(self, num_outputs: int) -> None:
         hp = self.hparams
         if num_outputs == 1 and hp.supervision != "last_layer":
-            raise ValueError(
+            raise LomixUserError(
                 f"the network returns a single map but supervision={hp.supervision!r} needs several; use "
                 "supervision='last_layer' or a multi-output network (e.g. lomix_lightning.models.MultiScaleSMP)"
             )
-        self.criterion = LoMixLoss(
+        try:
+            self.criterion = self._make_criterion(num_outputs)
+        except ValueError as error:  # LoMixLoss checks the user's loss options (scheme, operators, weights, ...)
+            raise LomixUserError(f"the loss options do not fit this network ({num_outputs} maps): {error}") from error
+        self.hparams["num_outputs"] = num_outputs
+
+    def _make_criterion(self, num_outputs: int) -> LoMixLoss:
+        hp = self.hparams
+        return LoMixLoss(
             num_outputs,
             self.num_classes,
             scheme=hp.supervision,
@@ -212,7 +226,6 @@ class LoMixSegmentationModule(pl.LightningModule):
             ignore_index=hp.ignore_index,
             memory_efficient=hp.get("memory_efficient", False),
         )
-        self.hparams["num_outputs"] = num_outputs
 
     @property
     def num_outputs(self) -> int | None:
@@ -221,6 +234,7 @@ class LoMixSegmentationModule(pl.LightningModule):
 
     @override
     def setup(self, stage: str) -> None:
+        self._check_datamodule_agrees()
         if self.criterion is not None:
             return
         batch = self._first_batch()
@@ -232,6 +246,32 @@ class LoMixSegmentationModule(pl.LightningModule):
         self._build_criterion(len(outputs))
         rank_zero_info(f"LoMix: the network returns {len(outputs)} maps; supervising {self.criterion.num_maps} maps")
 
+    def _check_datamodule_agrees(self) -> None:
+        """Refuse a datamodule whose class count, ``img_size`` or any shared hyper-parameter contradicts ours.
+
+        Lightning merges both hyper-parameter sets into the logger; this names the two values in one line first.
+        """
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None:
+            return
+        ours = {"num_classes": self.num_classes, "img_size": self.img_size}
+        theirs = {name: getattr(datamodule, name, None) for name in ours}
+        data_hparams = getattr(datamodule, "hparams_initial", {})
+        for name, value in self.hparams_initial.items():
+            if name in data_hparams and name not in ours and not name.startswith("_"):  # _class_path: the CLI's
+                ours[name], theirs[name] = value, data_hparams[name]
+        if isinstance(theirs["num_classes"], int) and max(theirs["num_classes"], 2) == max(self.num_classes, 2):
+            theirs["num_classes"] = self.num_classes  # one sigmoid channel scores the two classes of binary data
+        for name, value in ours.items():
+            other = theirs[name]
+            if value is not None and other is not None and (type(value) is not type(other) or value != other):
+                hint = " (leave model.img_size unset: it follows the data)" if name == "img_size" else ""
+                raise LomixUserError(
+                    f"model.{name}={value!r} contradicts data.{name}={other!r} "
+                    f"({type(datamodule).__name__}); give both the same value{hint}"
+                )
+
     def _first_batch(self) -> dict[str, Tensor]:
         trainer = self._trainer
         datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
@@ -241,12 +281,14 @@ class LoMixSegmentationModule(pl.LightningModule):
         elif trainer is not None and getattr(trainer.fit_loop, "_data_source", None) is not None:
             loader = trainer.fit_loop._data_source.dataloader()
         if loader is None:
-            raise ValueError("cannot infer the network's number of outputs: pass num_outputs=L to the module")
+            raise LomixUserError("cannot infer the network's number of outputs: pass num_outputs=L to the module")
         batch = next(iter(loader), None)
         if batch is None:
-            raise ValueError(f"the training set is empty: the train dataloader yields no batch ({_describe(loader)})")
+            raise LomixUserError(
+                f"the training set is empty: the train dataloader yields no batch ({_describe(loader)})"
+            )
         if "image" not in batch:
-            raise ValueError(f"batches must be dicts with 'image' and 'mask', got keys {sorted(batch)}")
+            raise LomixUserError(f"batches must be dicts with 'image' and 'mask', got keys {sorted(batch)}")
         return batch
 
     # ------------------------------------------------------------------ inference
@@ -273,11 +315,11 @@ class LoMixSegmentationModule(pl.LightningModule):
     def _check_batch(self, batch: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         if not isinstance(batch, Mapping) or "image" not in batch or "mask" not in batch:
             got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
-            raise ValueError(f"batches must be dicts with 'image' (B, C, H, W) and 'mask' (B, H, W), got {got}")
+            raise LomixUserError(f"batches must be dicts with 'image' (B, C, H, W) and 'mask' (B, H, W), got {got}")
         image, mask = batch["image"], batch["mask"]
         in_channels = getattr(self.network, "in_channels", None)
         if isinstance(in_channels, int) and image.ndim == 4 and image.shape[1] != in_channels:
-            raise ValueError(
+            raise LomixUserError(
                 f"images have {image.shape[1]} channels but the network expects in_channels={in_channels} "
                 f"(image shape {tuple(image.shape)})"
             )
@@ -290,7 +332,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         if self.criterion is None:
             self._build_criterion(len(outputs))
         if len(outputs) != self.criterion.num_outputs:
-            raise ValueError(
+            raise LomixUserError(
                 f"the network returned {len(outputs)} maps but num_outputs={self.criterion.num_outputs} "
                 "(read once from the network); a network must return the same number of maps every step"
             )
@@ -443,7 +485,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         trainer = self.trainer
         if trainer.limit_train_batches != 0 and trainer.num_training_batches == 0:
             loader = _describe(trainer.train_dataloader)
-            raise ValueError(f"the training set is empty: the train dataloader yields no batch ({loader})")
+            raise LomixUserError(f"the training set is empty: the train dataloader yields no batch ({loader})")
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -453,7 +495,7 @@ class LoMixSegmentationModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
         if isinstance(saved, int) and saved != self.num_classes:
-            raise ValueError(
+            raise LomixUserError(
                 f"the checkpoint was trained with num_classes={saved} but this model has num_classes={self.num_classes}"
                 f"; build the model with num_classes={saved}"
             )
@@ -467,7 +509,7 @@ class LoMixSegmentationModule(pl.LightningModule):
             bad &= mask != self.hparams.ignore_index
         if bool(bad.any()):
             values = torch.unique(mask[bad])[:10].tolist()
-            raise ValueError(
+            raise LomixUserError(
                 f"{stage} labels {values} outside [0, {high}] (num_classes={self.num_classes}); "
                 "do the data and the model (or checkpoint) have the same number of classes?"
             )
@@ -516,12 +558,12 @@ class LoMixSegmentationModule(pl.LightningModule):
         return bool(flag.all()) if isinstance(flag, Tensor) else bool(flag)
 
     def _volume_img_size(self) -> int:
-        if self.hparams.img_size is not None:
-            return int(self.hparams.img_size)
+        if self.img_size is not None:
+            return int(self.img_size)
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         size = getattr(datamodule, "img_size", None)
         if not isinstance(size, int):
-            raise ValueError("volume test sets need img_size: set model.img_size or use a datamodule with img_size")
+            raise LomixUserError("volume test sets need img_size: set model.img_size or use a datamodule with img_size")
         return size
 
     def _score_volume(self, batch: Mapping[str, Any]) -> None:
@@ -562,7 +604,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         self.log("test/cases", summary.pop("cases").float())
         self._log_scores("test", summary)
         if self.trainer.is_global_zero:
-            numpy_summary = {k: v.detach().cpu().double().numpy() for k, v in summary.items()}
+            numpy_summary = {k: v.detach().cpu().double().reshape(-1).numpy() for k, v in summary.items()}
             print_metrics_table(numpy_summary, self.class_names[1:], title="LoMix test results (Dice %, HD95, IoU %)")
         self.test_cases.reset()
 
@@ -583,6 +625,8 @@ class LoMixSegmentationModule(pl.LightningModule):
 
     @override
     def predict_step(self, batch: Mapping[str, Tensor] | Tensor, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        if self._is_volume(batch):  # a whole test volume (1, D, H, W): slice by slice, as in testing
+            return predict_volume(self, batch["image"], img_size=self._volume_img_size())[None]  # (1, D, H, W)
         image = batch["image"] if isinstance(batch, Mapping) else batch
         return self.predict_labels(self(image))
 

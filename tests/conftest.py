@@ -1,4 +1,8 @@
-"""Fixtures shared by the tests: the devices the engine and loss tests run on."""
+"""Fixtures shared by the tests: the devices the engine and loss tests run on.
+
+The test helpers (tests/_fixtures.py, tests/_subprocess.py, ...) are importable from every test folder through
+``pythonpath = ["tests"]`` in pyproject.toml.
+"""
 
 import pytest
 import torch

@@ -303,7 +303,7 @@ def test_misconfiguration_gives_one_line_and_help_still_works(capsys, tmp_path, 
     [
         ([f"--model.init_args.network.class_path={__name__}.DictNet", "--model.init_args.supervision=last_layer",
           "--model.init_args.num_outputs=1"],
-         "TypeError: the network must return a Tensor or a list/tuple of Tensors (coarse to fine), got dict"),
+         "error: the network must return a Tensor or a list/tuple of Tensors (coarse to fine), got dict"),
         ([f"--model.init_args.network.class_path={__name__}.FewerMapsNet"],
          "the network returned 2 maps but num_outputs=3"),
         ([f"--data.class_path={__name__}.LabelsOutOfRange"], "labels [7, 8, 9, 10] outside [0, 3] (num_classes=4)"),
@@ -331,9 +331,9 @@ def test_unsafe_or_damaged_checkpoints_give_one_line(capsys, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     torch.save({"hyper_parameters": {"num_classes": Pickled()}, "state_dict": {}}, tmp_path / "pickled.ckpt")
     line = _one_line_error(capsys, ["test", "--ckpt_path", str(tmp_path / "pickled.ckpt")])
-    assert "refused by torch.load(weights_only=True)" in line and f"{__name__}.Pickled" in line
+    assert "needs unpickling, which torch.load(weights_only=True) refuses" in line and f"{__name__}.Pickled" in line
     (tmp_path / "damaged.ckpt").write_bytes(b"not a checkpoint")
-    assert "not a readable PyTorch checkpoint" in _one_line_error(capsys, ["test", "--ckpt_path", "damaged.ckpt"])
+    assert "it is not a PyTorch checkpoint" in _one_line_error(capsys, ["test", "--ckpt_path", "damaged.ckpt"])
 
 
 def test_empty_training_set_without_known_output_count(tmp_path):

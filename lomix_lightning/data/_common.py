@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from lomix_lightning.errors import LomixUserError
+
 __all__ = [
     "check_fraction",
     "check_int",
@@ -34,7 +36,7 @@ def check_int(name: str, value: int, minimum: int) -> None:
         >>> check_int("batch_size", 4, minimum=1)
     """
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
+        raise LomixUserError(f"`{name}` must be an integer >= {minimum}, got {value!r}")
 
 
 def check_fraction(name: str, value: float) -> None:
@@ -51,7 +53,7 @@ def check_fraction(name: str, value: float) -> None:
         >>> check_fraction("train_fraction", 0.05)
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"`{name}` must be a number in (0, 1], got {value!r}")
+        raise LomixUserError(f"`{name}` must be a number in (0, 1], got {value!r}")
 
 
 def read_list_file(path: str | Path) -> list[str]:
@@ -80,7 +82,7 @@ def read_list_file(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"list file not found: {path}")
     entries = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     if not entries:
-        raise ValueError(f"list file is empty: {path}")
+        raise LomixUserError(f"list file is empty: {path}")
     return entries
 
 
@@ -102,9 +104,9 @@ def check_label_range(label: np.ndarray, num_classes: int, source: str | Path) -
         return
     lo, hi = float(label.min()), float(label.max())
     if lo < 0 or hi >= num_classes:
-        raise ValueError(f"{source}: label ids must lie in [0, {num_classes - 1}], found range [{lo:g}, {hi:g}]")
+        raise LomixUserError(f"{source}: label ids must lie in [0, {num_classes - 1}], found range [{lo:g}, {hi:g}]")
     if not np.issubdtype(label.dtype, np.integer) and not np.array_equal(label, np.round(label)):
-        raise ValueError(f"{source}: label map contains non-integer values")
+        raise LomixUserError(f"{source}: label map contains non-integer values")
 
 
 class EpochSeededSampler(Sampler[int]):

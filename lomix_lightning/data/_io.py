@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 
 from lomix_lightning.data._common import check_label_range
+from lomix_lightning.errors import LomixUserError
 
 __all__ = ["load_arrays", "map_labels", "optional_array"]
 
@@ -51,10 +52,10 @@ def load_arrays(path: str | Path, keys: Sequence[str], optional: Sequence[str] =
                 found = list(f.files)
                 data = {k: np.asarray(f[k]) for k in wanted if k in f.files}
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot read {path}: {err}") from err
+        raise LomixUserError(f"cannot read {path}: {err}") from err
     missing = [k for k in keys if k not in data]
     if missing:
-        raise ValueError(f"{path}: missing key(s) {missing}; keys in the file: {found}")
+        raise LomixUserError(f"{path}: missing key(s) {missing}; keys in the file: {found}")
     return data
 
 
@@ -98,7 +99,7 @@ def map_labels(label: np.ndarray, num_classes: int, source: str | Path, lut: np.
                [0, 8]], dtype=uint8)
     """
     if num_classes > 256:
-        raise ValueError(f"`num_classes` must be <= 256, got {num_classes}")
+        raise LomixUserError(f"`num_classes` must be <= 256, got {num_classes}")
     if lut is not None:
         check_label_range(label, len(lut), source)
         label = lut[label.astype(np.int64)]

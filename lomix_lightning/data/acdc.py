@@ -20,6 +20,7 @@ from lomix_lightning.data._medical import SliceVolumeDataModule
 from lomix_lightning.data.slices import SliceDataset
 from lomix_lightning.data.transforms import SeededTransform, medical_eval_transform, medical_train_transform
 from lomix_lightning.data.volumes import VolumeDataset
+from lomix_lightning.errors import LomixUserError
 
 __all__ = ["ACDC_CLASS_NAMES", "ACDCDataModule"]
 
@@ -102,7 +103,7 @@ class ACDCDataModule(SliceVolumeDataModule):
             return paths
         paths = sorted(folder.glob("*.npz"))
         if not paths:
-            raise ValueError(f"no list file {_LIST_NAMES[split]} and no .npz files in {folder}")
+            raise LomixUserError(f"no list file {_LIST_NAMES[split]} and no .npz files in {folder}")
         return paths
 
     def setup(self, stage: str | None = None) -> None:

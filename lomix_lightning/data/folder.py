@@ -25,6 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lomix_lightning.data.transforms import SeededTransform
+from lomix_lightning.errors import LomixUserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -92,14 +93,14 @@ def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[FolderPair
     if same:
         images = [p for p in images if not _MASK_STEM.search(p.stem)]
     if not images:
-        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {images_dir}")
+        raise LomixUserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {images_dir}")
     pairs, unmatched = [], []
     for image in sorted(images, key=lambda p: p.stem):
         found = None
         for suffix in MASK_SUFFIXES[1:] if same else MASK_SUFFIXES:
             candidates = masks.get((image.stem + suffix).lower(), [])
             if len(candidates) > 1:
-                raise ValueError(f"mask for {image} is ambiguous: {[str(c) for c in candidates]}")
+                raise LomixUserError(f"mask for {image} is ambiguous: {[str(c) for c in candidates]}")
             if candidates:
                 found = candidates[0]
                 break
@@ -110,13 +111,13 @@ def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[FolderPair
         extras = tuple(p for key, paths in masks.items() if extra_pattern.match(key) for p in paths)
         pairs.append(FolderPair(image.stem, image, found, extras))
     if not pairs:
-        raise ValueError(f"no image in {images_dir} has a matching mask in {masks_dir} (suffixes {MASK_SUFFIXES})")
+        raise LomixUserError(f"no image in {images_dir} has a matching mask in {masks_dir} (suffixes {MASK_SUFFIXES})")
     if unmatched:
-        raise ValueError(f"{len(unmatched)} image(s) in {images_dir} have no mask in {masks_dir}: {unmatched[:5]}")
+        raise LomixUserError(f"{len(unmatched)} image(s) in {images_dir} have no mask in {masks_dir}: {unmatched[:5]}")
     stems = [p.stem for p in pairs]
     if len(set(stems)) != len(stems):
         duplicated = sorted({s for s in stems if stems.count(s) > 1})
-        raise ValueError(f"several images share the stem(s) {duplicated[:5]} in {images_dir}")
+        raise LomixUserError(f"several images share the stem(s) {duplicated[:5]} in {images_dir}")
     return pairs
 
 
@@ -153,17 +154,29 @@ def load_binary_mask(path: str | Path) -> np.ndarray:
     return (arr > 0.5).astype(np.uint8)
 
 
+def _read(path: Path, read):
+    """``read(path)``, with an unreadable image file (corrupt, truncated, not an image) named in one line."""
+    try:
+        return read(path)
+    except (OSError, SyntaxError, ValueError) as error:  # PIL: UnidentifiedImageError, truncated data, bad header
+        raise LomixUserError(f"cannot read the image file {path}: {error}") from error
+
+
+def _read_rgb(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
 def _load_pair(pair: FolderPair) -> tuple[np.ndarray, np.ndarray]:
-    with Image.open(pair.image) as img:
-        image = np.asarray(img.convert("RGB"))
-    mask = load_binary_mask(pair.mask)
+    image = _read(pair.image, _read_rgb)
+    mask = _read(pair.mask, load_binary_mask)
     for extra in pair.extra_masks:
-        extra_mask = load_binary_mask(extra)
+        extra_mask = _read(extra, load_binary_mask)
         if extra_mask.shape != mask.shape:
-            raise ValueError(f"mask {extra} has size {extra_mask.shape}, but {pair.mask} has {mask.shape}")
+            raise LomixUserError(f"mask {extra} has size {extra_mask.shape}, but {pair.mask} has {mask.shape}")
         mask |= extra_mask
     if image.shape[:2] != mask.shape:
-        raise ValueError(f"image {pair.image} has size {image.shape[:2]} but its mask {pair.mask} has {mask.shape}")
+        raise LomixUserError(f"image {pair.image} has size {image.shape[:2]} but its mask {pair.mask} has {mask.shape}")
     return image, mask
 
 

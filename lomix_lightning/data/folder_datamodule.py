@@ -13,6 +13,7 @@ from lomix_lightning.data.folder import FolderPair, FolderSegmentationDataset, p
 from lomix_lightning.data.multiscale import MultiScaleCollate
 from lomix_lightning.data.splits import check_split_ratios, split_by_ratio
 from lomix_lightning.data.transforms import SeededTransform, folder_eval_transform, folder_train_transform
+from lomix_lightning.errors import LomixUserError
 
 __all__ = ["FolderSegmentationDataModule"]
 
@@ -93,10 +94,12 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
             entries = read_list_file(list_file)
             unknown = [s for s in entries if s not in known]
             if unknown:
-                raise ValueError(f"{list_file}: {len(unknown)} stem(s) without an image/mask pair, e.g. {unknown[:5]}")
+                raise LomixUserError(
+                    f"{list_file}: {len(unknown)} stem(s) without an image/mask pair, e.g. {unknown[:5]}"
+                )
             twice = [s for s in entries if s in seen]
             if twice:
-                raise ValueError(f"{list_file}: stem(s) {twice[:5]} already listed in {seen[twice[0]]}")
+                raise LomixUserError(f"{list_file}: stem(s) {twice[:5]} already listed in {seen[twice[0]]}")
             seen.update(dict.fromkeys(entries, list_file))
             out[split] = entries
         return out
@@ -121,7 +124,7 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
             self.setup()
         dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
         if len(dataset) == 0:
-            raise ValueError(f"the {split} split is empty (splits={self.splits}, split_files={self.split_files})")
+            raise LomixUserError(f"the {split} split is empty (splits={self.splits}, split_files={self.split_files})")
         if split == "train":
             return make_loader(dataset, self.batch_size, self.num_workers, True, self.seed, collate_fn=self.collate)
         return make_loader(dataset, self.batch_size, self.num_workers, shuffle=False)

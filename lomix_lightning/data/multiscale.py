@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import default_collate, get_worker_info
 
+from lomix_lightning.errors import LomixUserError
+
 __all__ = ["MultiScaleCollate", "scaled_size"]
 
 
@@ -61,7 +63,7 @@ class MultiScaleCollate:
     def __init__(self, img_size: int, scales: Sequence[float], seed: int = 0, multiple: int = 32) -> None:
         scales = tuple(float(s) for s in scales)
         if not scales or any(s <= 0 for s in scales):
-            raise ValueError(f"`multiscale` must be a non-empty list of positive scales, got {scales!r}")
+            raise LomixUserError(f"`multiscale` must be a non-empty list of positive scales, got {scales!r}")
         self.sizes = tuple(scaled_size(img_size, s, multiple) for s in scales)
         self.seed = int(seed)
         self._stream: int | None = None

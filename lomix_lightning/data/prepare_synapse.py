@@ -25,6 +25,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from lomix_lightning.errors import LomixMissingDependencyError, LomixUserError
+
 __all__ = ["TRANSUNET_TEST_CASES", "TRANSUNET_TRAIN_CASES", "find_raw_cases", "prepare_synapse"]
 
 TRANSUNET_TRAIN_CASES = tuple(
@@ -64,9 +66,9 @@ def find_raw_cases(raw_dir: str | Path) -> dict[str, tuple[Path, Path]]:
         case = f"case{int(match.group(1)):04d}"
         label = image.parent.parent / "label" / image.name.replace("img", "label", 1)
         if not label.is_file():
-            raise ValueError(f"no label file for {image} (expected {label})")
+            raise LomixUserError(f"no label file for {image} (expected {label})")
         if case in cases:
-            raise ValueError(f"{case} found twice: {cases[case][0]} and {image}")
+            raise LomixUserError(f"{case} found twice: {cases[case][0]} and {image}")
         cases[case] = (image, label)
     if not cases:
         raise FileNotFoundError(f"no imgXXXX.nii.gz files found below {raw_dir}")
@@ -78,9 +80,11 @@ def _load_case(image_path: Path, label_path: Path, hu_min: float, hu_max: float,
     image = np.asarray(image_nii.get_fdata(), dtype=np.float64)
     label = np.asarray(label_nii.get_fdata(), dtype=np.float64)
     if image.ndim != 3 or image.shape != label.shape:
-        raise ValueError(f"{image_path} has shape {image.shape} but {label_path} has {label.shape}")
+        raise LomixUserError(f"{image_path} has shape {image.shape} but {label_path} has {label.shape}")
     if label.min() < 0 or label.max() > 13 or not np.array_equal(label, np.round(label)):
-        raise ValueError(f"{label_path}: labels must be integer ids in [0, 13], found [{label.min()}, {label.max()}]")
+        raise LomixUserError(
+            f"{label_path}: labels must be integer ids in [0, 13], found [{label.min()}, {label.max()}]"
+        )
     image = (np.clip(image, hu_min, hu_max) - hu_min) / (hu_max - hu_min)
     zooms = np.asarray(image_nii.header.get_zooms()[:3], dtype=np.float32)
     # (x, y, z) -> (z, x, y), as the reference preprocessing.
@@ -122,21 +126,21 @@ def prepare_synapse(
         >>> prepare_synapse("raw", "out", train_cases=["case0001"], test_cases=["case0001"])
         Traceback (most recent call last):
         ...
-        ValueError: cases in both train_cases and test_cases: ['case0001']
+        lomix_lightning.errors.LomixUserError: cases in both train_cases and test_cases: ['case0001']
     """
     overlap = sorted(set(train_cases) & set(test_cases))
     if overlap:
-        raise ValueError(f"cases in both train_cases and test_cases: {overlap}")
+        raise LomixUserError(f"cases in both train_cases and test_cases: {overlap}")
     if not hu_min < hu_max:
-        raise ValueError(f"`hu_min` must be below `hu_max`, got {hu_min} and {hu_max}")
+        raise LomixUserError(f"`hu_min` must be below `hu_max`, got {hu_min} and {hu_max}")
     try:
         import nibabel as nib
     except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("prepare_synapse needs nibabel: pip install lomix-lightning[nifti]") from err
+        raise LomixMissingDependencyError("prepare_synapse needs nibabel: pip install lomix-lightning[nifti]") from err
     found = find_raw_cases(raw_dir)
     missing = sorted((set(train_cases) | set(test_cases)) - set(found))
     if missing:
-        raise ValueError(f"cases not found below {raw_dir}: {missing} (found {sorted(found)})")
+        raise LomixUserError(f"cases not found below {raw_dir}: {missing} (found {sorted(found)})")
     out = Path(out_dir)
     lists = Path(list_dir) if list_dir is not None else out / "lists"
     for folder in (out / "train_npz", out / "test_vol_h5", lists):

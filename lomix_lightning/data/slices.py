@@ -11,6 +11,7 @@ from torch.utils.data import Dataset
 
 from lomix_lightning.data._io import load_arrays, map_labels
 from lomix_lightning.data.transforms import SeededTransform
+from lomix_lightning.errors import LomixUserError
 
 __all__ = ["SliceDataset"]
 
@@ -68,9 +69,11 @@ class SliceDataset(Dataset):
         data = load_arrays(path, [self.image_key, self.label_key])
         image, label = data[self.image_key], data[self.label_key]
         if image.ndim != 2:
-            raise ValueError(f"{path}: expected a 2-D slice (H, W) under {self.image_key!r}, got shape {image.shape}")
+            raise LomixUserError(
+                f"{path}: expected a 2-D slice (H, W) under {self.image_key!r}, got shape {image.shape}"
+            )
         if label.shape != image.shape:
-            raise ValueError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
+            raise LomixUserError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
         return image.astype(np.float32), map_labels(label, self.num_classes, path, self.lut)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:

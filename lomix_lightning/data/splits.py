@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lomix_lightning.errors import LomixUserError
+
 __all__ = ["check_split_ratios", "count_for_fraction", "select_cases", "split_by_ratio"]
 
 
@@ -31,9 +33,9 @@ def count_for_fraction(fraction: float, total: int) -> int:
         [1, 2, 4, 7, 18]
     """
     if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"`fraction` must be in (0, 1], got {fraction!r}")
+        raise LomixUserError(f"`fraction` must be in (0, 1], got {fraction!r}")
     if total < 1:
-        raise ValueError(f"`total` must be >= 1, got {total!r}")
+        raise LomixUserError(f"`total` must be >= 1, got {total!r}")
     # The small epsilon keeps e.g. 0.05 * 10 = 0.5000000000000001 or 0.35 * 10 = 3.4999999999999996 on the right side.
     return max(1, math.floor(fraction * total + 0.5 + 1e-9))
 
@@ -72,7 +74,9 @@ def select_cases(
     excluded = set(exclude)
     pool = [c for c in distinct if c not in excluded]
     if not pool:
-        raise ValueError(f"no case left to select from: all {len(distinct)} cases are excluded ({sorted(excluded)})")
+        raise LomixUserError(
+            f"no case left to select from: all {len(distinct)} cases are excluded ({sorted(excluded)})"
+        )
     count = count_for_fraction(fraction, len(distinct) if total is None else total)
     if count > len(pool):
         warnings.warn(
@@ -98,7 +102,9 @@ def check_split_ratios(ratios: Sequence[float]) -> None:
         >>> check_split_ratios((0.8, 0.1, 0.1))
     """
     if len(ratios) != 3 or any(r < 0 for r in ratios) or not math.isclose(sum(ratios), 1.0, abs_tol=1e-6):
-        raise ValueError(f"`splits` must be three non-negative ratios (train, val, test) summing to 1, got {ratios!r}")
+        raise LomixUserError(
+            f"`splits` must be three non-negative ratios (train, val, test) summing to 1, got {ratios!r}"
+        )
 
 
 def split_by_ratio(items: Sequence[str], ratios: Sequence[float], seed: int) -> tuple[list[str], list[str], list[str]]:
@@ -138,7 +144,7 @@ def split_by_ratio(items: Sequence[str], ratios: Sequence[float], seed: int) -> 
     n_val, n_test = size(ratios[1]), size(ratios[2])
     n_train = n - n_val - n_test
     if n_train < 0 or (ratios[0] > 0 and n_train < 1):
-        raise ValueError(f"split {tuple(ratios)} of {n} items leaves no training item")
+        raise LomixUserError(f"split {tuple(ratios)} of {n} items leaves no training item")
     order = np.random.default_rng(seed).permutation(n)
     shuffled = [ordered[i] for i in order]
     return sorted(shuffled[:n_train]), sorted(shuffled[n_train : n_train + n_val]), sorted(shuffled[n_train + n_val :])

@@ -33,6 +33,7 @@ from lomix_lightning.data.slices import SliceDataset
 from lomix_lightning.data.splits import select_cases
 from lomix_lightning.data.transforms import SeededTransform, medical_eval_transform, medical_train_transform
 from lomix_lightning.data.volumes import VolumeDataset
+from lomix_lightning.errors import LomixUserError
 
 __all__ = ["SYNAPSE_14_TO_9", "SynapseDataModule", "synapse_class_names"]
 
@@ -77,11 +78,11 @@ def synapse_class_names(num_classes: int = 9, class_order: Literal["btcv", "tran
         ['spleen', 'right_kidney', 'left_kidney']
     """
     if num_classes not in (9, 14):
-        raise ValueError(f"`num_classes` must be 9 (8 organs) or 14 (13 organs), got {num_classes!r}")
+        raise LomixUserError(f"`num_classes` must be 9 (8 organs) or 14 (13 organs), got {num_classes!r}")
     if class_order not in ("btcv", "transunet"):
-        raise ValueError(f"`class_order` must be 'btcv' or 'transunet', got {class_order!r}")
+        raise LomixUserError(f"`class_order` must be 'btcv' or 'transunet', got {class_order!r}")
     if class_order == "transunet" and num_classes != 9:
-        raise ValueError("`class_order='transunet'` only exists for num_classes=9")
+        raise LomixUserError("`class_order='transunet'` only exists for num_classes=9")
     if num_classes == 14:
         return list(_BTCV_14)
     return list(_TRANSUNET_9 if class_order == "transunet" else _BTCV_9)
@@ -89,7 +90,7 @@ def synapse_class_names(num_classes: int = 9, class_order: Literal["btcv", "tran
 
 def _case_of(slice_name: str, list_file: Path) -> str:
     if "_slice" not in slice_name:
-        raise ValueError(f"{list_file}: entry {slice_name!r} is not of the form <case>_slice<k>")
+        raise LomixUserError(f"{list_file}: entry {slice_name!r} is not of the form <case>_slice<k>")
     return slice_name.rsplit("_slice", 1)[0]
 
 
@@ -161,14 +162,14 @@ class SynapseDataModule(SliceVolumeDataModule):
         check_int("seed", seed, minimum=0)
         check_int("num_workers", num_workers, minimum=0)
         if train_cases is not None and train_fraction is not None:
-            raise ValueError("give at most one of `train_cases` and `train_fraction`")
+            raise LomixUserError("give at most one of `train_cases` and `train_fraction`")
         if train_fraction is not None:
             check_fraction("train_fraction", train_fraction)
         if remap_14_to_9 and num_classes != 9:
-            raise ValueError(f"`remap_14_to_9=True` needs num_classes=9, got {num_classes}")
+            raise LomixUserError(f"`remap_14_to_9=True` needs num_classes=9, got {num_classes}")
         for name, value in (("val_cases", val_cases), ("train_cases", train_cases)):
             if isinstance(value, str):
-                raise ValueError(f"`{name}` must be a list of case names, got the string {value!r}")
+                raise LomixUserError(f"`{name}` must be a list of case names, got the string {value!r}")
         self.save_hyperparameters()
         self.root, self.list_dir = Path(root), Path(list_dir)
         self.num_classes, self.in_channels, self.img_size = num_classes, 1, img_size
@@ -200,24 +201,24 @@ class SynapseDataModule(SliceVolumeDataModule):
         for arg_name, arg in (("val_cases", self.val_cases_arg), ("train_cases", self.train_cases_arg)):
             unknown = sorted(set(arg or ()) - known)
             if unknown:
-                raise ValueError(f"`{arg_name}` {unknown} not found in {list_file} (cases there: {sorted(known)})")
+                raise LomixUserError(f"`{arg_name}` {unknown} not found in {list_file} (cases there: {sorted(known)})")
         if self.val_cases_arg is None:
             if len(cases) < 3:
-                raise ValueError(f"{list_file} has {len(cases)} cases; pass `val_cases` (or []) explicitly")
+                raise LomixUserError(f"{list_file} has {len(cases)} cases; pass `val_cases` (or []) explicitly")
             val = sorted(cases)[-2:]
         else:
             val = sorted(set(self.val_cases_arg))
         if self.train_cases_arg is not None:
             overlap = sorted(set(self.train_cases_arg) & set(val))
             if overlap:
-                raise ValueError(f"`train_cases` and the validation cases overlap: {overlap}")
+                raise LomixUserError(f"`train_cases` and the validation cases overlap: {overlap}")
             train = sorted(set(self.train_cases_arg))
         elif self.train_fraction is not None:
             train = select_cases(cases, self.train_fraction, self.seed, exclude=val)
         else:
             train = sorted(known - set(val))
         if not train:
-            raise ValueError(f"no training case left after holding out {val} for validation")
+            raise LomixUserError(f"no training case left after holding out {val} for validation")
         missing = [str(self._slice_path(n)) for n in names if not self._slice_path(n).is_file()]
         if missing:
             raise FileNotFoundError(

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from lomix_lightning.data._common import check_int, make_loader
+from lomix_lightning.errors import LomixUserError
 
 __all__ = ["SyntheticShapesDataModule", "SyntheticShapesDataset", "make_shapes_sample"]
 
@@ -160,7 +161,7 @@ class SyntheticShapesDataset(Dataset):
         _check_args(num_classes, in_channels, image_size, seed)
         check_int("num_samples", num_samples, minimum=1)
         if split not in _SPLIT_IDS:
-            raise ValueError(f"`split` must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
+            raise LomixUserError(f"`split` must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
         self.num_samples, self.num_classes, self.in_channels = num_samples, num_classes, in_channels
         self.image_size, self.seed, self.split = image_size, seed, split
 
@@ -178,7 +179,7 @@ class SyntheticShapesDataset(Dataset):
 def _check_args(num_classes: int, in_channels: int, image_size: int, seed: int) -> None:
     check_int("num_classes", num_classes, minimum=2)
     if in_channels not in (1, 3) or isinstance(in_channels, bool):
-        raise ValueError(f"`in_channels` must be 1 or 3, got {in_channels!r}")
+        raise LomixUserError(f"`in_channels` must be 1 or 3, got {in_channels!r}")
     check_int("image_size", image_size, minimum=16)
     check_int("seed", seed, minimum=0)
 

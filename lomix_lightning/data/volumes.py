@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lomix_lightning.data._io import load_arrays, map_labels, optional_array
+from lomix_lightning.errors import LomixUserError
 
 __all__ = ["VolumeDataset"]
 
@@ -55,7 +56,7 @@ class VolumeDataset(Dataset):
     ) -> None:
         self.paths = [Path(p) for p in paths]
         if case_names is not None and len(case_names) != len(self.paths):
-            raise ValueError(f"got {len(case_names)} case names for {len(self.paths)} volumes")
+            raise LomixUserError(f"got {len(case_names)} case names for {len(self.paths)} volumes")
         self.case_names = list(case_names) if case_names is not None else [p.name.split(".")[0] for p in self.paths]
         self.num_classes = num_classes
         self.image_key, self.label_key = image_key, label_key
@@ -70,9 +71,9 @@ class VolumeDataset(Dataset):
         data = load_arrays(path, [self.image_key, self.label_key], optional=["spacing"] if self.return_spacing else [])
         image, label = data[self.image_key], data[self.label_key]
         if image.ndim != 3:
-            raise ValueError(f"{path}: expected a 3-D volume (D, H, W) under {self.image_key!r}, got {image.shape}")
+            raise LomixUserError(f"{path}: expected a 3-D volume (D, H, W) under {self.image_key!r}, got {image.shape}")
         if label.shape != image.shape:
-            raise ValueError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
+            raise LomixUserError(f"{path}: image shape {image.shape} and label shape {label.shape} differ")
         item: dict[str, torch.Tensor | str | bool] = {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "mask": torch.from_numpy(map_labels(label, self.num_classes, path, self.lut).astype(np.int64)),
@@ -82,6 +83,6 @@ class VolumeDataset(Dataset):
         spacing = optional_array(data, "spacing")
         if spacing is not None:
             if spacing.shape != (3,):
-                raise ValueError(f"{path}: 'spacing' must hold 3 values (D, H, W axes), got shape {spacing.shape}")
+                raise LomixUserError(f"{path}: 'spacing' must hold 3 values (D, H, W axes), got shape {spacing.shape}")
             item["spacing"] = torch.from_numpy(spacing)
         return item

@@ -72,15 +72,18 @@ def metrics_table(
         >>> table = metrics_table(s, ["liver", "pancreas"])
         >>> [c.header for c in table.columns], table.row_count
         (['Class', 'Dice (%)', 'HD95', 'IoU (%)'], 3)
+        >>> binary = {"dice": np.array(0.5), "hd95": np.array(1.0), "iou": np.array(1 / 3)}  # one class, 0-d
+        >>> [cell for cell in metrics_table(binary, ["polyp"]).columns[1].cells]
+        ['50.00', '50.00']
     """
-    n = len(np.asarray(summary["dice"]))
-    if len(class_names) != n:
-        raise ValueError(f"got {len(class_names)} class names for {n} classes")
-    table = Table(title=title)
+    dice, dist, iou = (np.atleast_1d(np.asarray(summary[k], dtype=np.float64)) for k in _METRICS)  # 0-d: 1 class
+    n = len(dice)
+    if len(class_names) != n or len(dist) != n or len(iou) != n:
+        raise ValueError(f"got {len(class_names)} class names for {n} classes ({len(dist)} HD95, {len(iou)} IoU)")
+    table = Table(title=title, min_width=len(title))  # the title on one line
     table.add_column("Class")
     for header in ("Dice (%)", "HD95", "IoU (%)"):
         table.add_column(header, justify="right")
-    dice, dist, iou = (np.asarray(summary[k], dtype=np.float64) for k in _METRICS)
     for i, name in enumerate(class_names):
         table.add_row(name, f"{100 * dice[i]:.2f}", f"{dist[i]:.2f}", f"{100 * iou[i]:.2f}")
     with warnings.catch_warnings():

@@ -9,6 +9,7 @@ from abc import ABC, abstractmethod
 from torch import Tensor, nn
 
 from lomix_lightning._config import record_init_args
+from lomix_lightning.errors import LomixUserError
 
 __all__ = ["FinalMapNetwork", "MultiOutputNetwork", "check_image_batch", "check_positive_int"]
 
@@ -21,10 +22,10 @@ def check_positive_int(name: str, value: int) -> None:
         >>> check_positive_int("depth", 0)
         Traceback (most recent call last):
         ...
-        ValueError: `depth` must be a positive integer, got 0.
+        lomix_lightning.errors.LomixUserError: `depth` must be a positive integer, got 0.
     """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        raise LomixUserError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
 def check_image_batch(x: Tensor, in_channels: int) -> None:
@@ -35,10 +36,10 @@ def check_image_batch(x: Tensor, in_channels: int) -> None:
         >>> check_image_batch(torch.zeros(2, 3, 8, 8), in_channels=1)
         Traceback (most recent call last):
         ...
-        ValueError: Expected an input of shape (B, 1, H, W), got (2, 3, 8, 8).
+        lomix_lightning.errors.LomixUserError: Expected an input of shape (B, 1, H, W), got (2, 3, 8, 8).
     """
     if x.ndim != 4 or x.shape[1] != in_channels:
-        raise ValueError(f"Expected an input of shape (B, {in_channels}, H, W), got {tuple(x.shape)}.")
+        raise LomixUserError(f"Expected an input of shape (B, {in_channels}, H, W), got {tuple(x.shape)}.")
 
 
 class MultiOutputNetwork(nn.Module, ABC):

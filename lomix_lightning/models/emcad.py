@@ -10,6 +10,7 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
+from lomix_lightning.errors import LomixUserError
 from lomix_lightning.models._base import DecoderHeadsNetwork, check_image_batch, check_positive_int
 from lomix_lightning.models.emcad_blocks import ACTIVATIONS, CAB, EUCB, LGAG, MSCB, SAB, Activation
 
@@ -172,16 +173,16 @@ class EMCADNet(DecoderHeadsNetwork):
             check_positive_int(name, value)
         kernel_sizes = tuple(kernel_sizes)
         if not kernel_sizes or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in kernel_sizes):
-            raise ValueError(
+            raise LomixUserError(
                 f"`kernel_sizes` must be a non-empty sequence of positive odd integers, got {kernel_sizes}."
             )
         for name, sizes in (("kernel_sizes", kernel_sizes), ("lgag_kernel_size", (lgag_kernel_size,))):
             if any(k % 2 == 0 for k in sizes):
-                raise ValueError(f"`{name}` must be odd (to keep the spatial size), got {sizes}.")
+                raise LomixUserError(f"`{name}` must be odd (to keep the spatial size), got {sizes}.")
         if activation not in ACTIVATIONS:
-            raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {activation!r}.")
+            raise LomixUserError(f"`activation` must be one of {ACTIVATIONS}, got {activation!r}.")
         if not timm.is_model(encoder):
-            raise ValueError(f"`encoder` {encoder!r} is not a timm model (see `timm.list_models()`).")
+            raise LomixUserError(f"`encoder` {encoder!r} is not a timm model (see `timm.list_models()`).")
         try:
             backbone = timm.create_model(
                 encoder,
@@ -192,17 +193,19 @@ class EMCADNet(DecoderHeadsNetwork):
                 **(encoder_kwargs or {}),
             )
         except RuntimeError as err:  # timm raises RuntimeError for models without a feature extractor
-            raise ValueError(f"`encoder` {encoder!r} does not support features_only=True: {err}") from err
+            raise LomixUserError(f"`encoder` {encoder!r} does not support features_only=True: {err}") from err
         num_levels = min(_MAX_LEVELS, len(backbone.feature_info.channels()))
         channels = tuple(backbone.feature_info.channels()[-num_levels:][::-1])  # coarse to fine
         reductions = tuple(backbone.feature_info.reduction()[-num_levels:][::-1])
         if num_levels < 2 or any(r_coarse != 2 * r_fine for r_coarse, r_fine in zip(reductions, reductions[1:])):
-            raise ValueError(
+            raise LomixUserError(
                 f"`encoder` {encoder!r} needs >= 2 feature levels whose stride doubles per level (EUCB upsamples 2x), "
                 f"got strides {reductions[::-1]}."
             )
         if any(c % 2 for c in channels):
-            raise ValueError(f"`encoder` {encoder!r} has an odd feature width in {channels}; LGAG needs even widths.")
+            raise LomixUserError(
+                f"`encoder` {encoder!r} has an odd feature width in {channels}; LGAG needs even widths."
+            )
         self.num_classes = num_classes
         self.in_channels = in_channels
         self.num_outputs = num_levels
@@ -229,4 +232,4 @@ class EMCADNet(DecoderHeadsNetwork):
         check_image_batch(x, self.in_channels)
         stride = self.reductions[0]
         if x.shape[-2] % stride or x.shape[-1] % stride:
-            raise ValueError(f"EMCADNet needs H and W divisible by {stride}, got {tuple(x.shape[-2:])}.")
+            raise LomixUserError(f"EMCADNet needs H and W divisible by {stride}, got {tuple(x.shape[-2:])}.")

@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from lomix_lightning.errors import LomixUserError
+
 __all__ = ["CAB", "EUCB", "LGAG", "MSCB", "MSDC", "SAB", "Activation", "activation_layer", "channel_shuffle"]
 
 Activation = Literal["relu", "relu6", "leakyrelu", "prelu", "gelu", "hswish"]
@@ -37,7 +39,7 @@ def activation_layer(name: Activation) -> nn.Module:
         return nn.GELU()
     if name == "hswish":
         return nn.Hardswish(inplace=True)
-    raise ValueError(f"`activation` must be one of {ACTIVATIONS}, got {name!r}.")
+    raise LomixUserError(f"`activation` must be one of {ACTIVATIONS}, got {name!r}.")
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:

@@ -11,6 +11,7 @@ from segmentation_models_pytorch.base import SegmentationModel
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from lomix_lightning.errors import LomixUserError
 from lomix_lightning.models._base import MultiOutputNetwork, check_image_batch, check_positive_int
 
 __all__ = ["MultiScaleSMP", "SMPFinalMap", "SUPPORTED_ARCHS"]
@@ -37,7 +38,7 @@ def _stage_modules(model: nn.Module) -> list[nn.Module]:
     for model_class, taps in _TAPS.items():
         if isinstance(model, model_class):
             return taps(model.decoder)
-    raise ValueError(
+    raise LomixUserError(
         f"{type(model).__name__} has no decoder stages to tap; supported architectures: {SUPPORTED_ARCHS}."
     )
 
@@ -138,12 +139,14 @@ class MultiScaleSMP(MultiOutputNetwork):
     ) -> None:
         super().__init__()
         if arch not in SUPPORTED_ARCHS:
-            raise ValueError(f"`arch` must be one of {SUPPORTED_ARCHS} (decoders with stages to tap), got {arch!r}.")
+            raise LomixUserError(
+                f"`arch` must be one of {SUPPORTED_ARCHS} (decoders with stages to tap), got {arch!r}."
+            )
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
         for key in ("classes", "activation", "aux_params"):
             if smp_kwargs.get(key) is not None:
-                raise ValueError(
+                raise LomixUserError(
                     f"`{key}` cannot be passed to MultiScaleSMP (got {smp_kwargs[key]!r}): use `num_classes`; "
                     "the network returns logits only."
                 )
@@ -157,7 +160,7 @@ class MultiScaleSMP(MultiOutputNetwork):
                 **smp_kwargs,
             )
         except (KeyError, ValueError, TypeError) as err:
-            raise ValueError(f"smp.create_model({arch!r}, encoder_name={encoder_name!r}) failed: {err}") from err
+            raise LomixUserError(f"smp.create_model({arch!r}, encoder_name={encoder_name!r}) failed: {err}") from err
         self._wrap(model, num_outputs)
 
     @classmethod
@@ -179,12 +182,12 @@ class MultiScaleSMP(MultiOutputNetwork):
             (True, 3, 2)
         """
         if not isinstance(model, nn.Module) or not hasattr(model, "decoder"):
-            raise ValueError(f"`model` must be an smp SegmentationModel, got {type(model).__name__}.")
+            raise LomixUserError(f"`model` must be an smp SegmentationModel, got {type(model).__name__}.")
         if getattr(model, "classification_head", None) is not None:
-            raise ValueError("`model` has a classification head (aux_params); MultiScaleSMP needs logits only.")
+            raise LomixUserError("`model` has a classification head (aux_params); MultiScaleSMP needs logits only.")
         activation = getattr(model.segmentation_head[-1], "activation", nn.Identity())
         if not isinstance(activation, nn.Identity):
-            raise ValueError(f"`model` has an output activation ({activation}); MultiScaleSMP needs logits only.")
+            raise LomixUserError(f"`model` has an output activation ({activation}); MultiScaleSMP needs logits only.")
         network = cls.__new__(cls)
         MultiOutputNetwork.__init__(network)
         network._wrap(model, num_outputs)
@@ -194,7 +197,7 @@ class MultiScaleSMP(MultiOutputNetwork):
         stages = _stage_modules(model)
         max_outputs = len(stages) + 1
         if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or not 1 <= num_outputs <= max_outputs:
-            raise ValueError(
+            raise LomixUserError(
                 f"`num_outputs` must be an integer in [1, {max_outputs}] for this {type(model).__name__} "
                 f"({len(stages)} decoder stages + the output), got {num_outputs!r}."
             )

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lomix_lightning.errors import LomixUserError
 from lomix_lightning.models._base import DecoderHeadsNetwork, check_positive_int
 from lomix_lightning.models.unet import DoubleConv
 
@@ -103,24 +104,24 @@ class TimmUNet(DecoderHeadsNetwork):
         check_positive_int("num_classes", num_classes)
         check_positive_int("in_channels", in_channels)
         if not timm.is_model(encoder_name):
-            raise ValueError(f"`encoder_name` {encoder_name!r} is not a timm model (see `timm.list_models()`).")
+            raise LomixUserError(f"`encoder_name` {encoder_name!r} is not a timm model (see `timm.list_models()`).")
         try:
             self.encoder = timm.create_model(
                 encoder_name, features_only=True, pretrained=pretrained, in_chans=in_channels, **(encoder_kwargs or {})
             )
         except RuntimeError as err:  # timm raises RuntimeError for models without a feature extractor
-            raise ValueError(f"`encoder_name` {encoder_name!r} does not support features_only=True: {err}") from err
+            raise LomixUserError(f"`encoder_name` {encoder_name!r} does not support features_only=True: {err}") from err
         channels = tuple(self.encoder.feature_info.channels())
         reductions = tuple(self.encoder.feature_info.reduction())
         if len(channels) < 2 or any(r1 >= r2 for r1, r2 in zip(reductions[:-1], reductions[1:])):
-            raise ValueError(
+            raise LomixUserError(
                 f"`encoder_name` {encoder_name!r} needs >= 2 feature levels with increasing reductions, "
                 f"got reductions {reductions}."
             )
         num_stages = len(channels) - 1
         decoder_channels = tuple(channels[-2::-1] if decoder_channels is None else decoder_channels)
         if len(decoder_channels) != num_stages:
-            raise ValueError(
+            raise LomixUserError(
                 f"`decoder_channels` needs {num_stages} entries (one per decoder stage of {encoder_name!r}), "
                 f"got {decoder_channels}."
             )
@@ -128,7 +129,7 @@ class TimmUNet(DecoderHeadsNetwork):
             check_positive_int("decoder_channels[i]", width)
         num_outputs = num_stages if num_outputs is None else num_outputs
         if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or not 1 <= num_outputs <= num_stages:
-            raise ValueError(
+            raise LomixUserError(
                 f"`num_outputs` must be an integer in [1, {num_stages}] for {encoder_name!r}, got {num_outputs!r}."
             )
         self.in_channels = in_channels

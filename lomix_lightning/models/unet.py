@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lomix_lightning.errors import LomixUserError
 from lomix_lightning.models._base import DecoderHeadsNetwork, check_positive_int
 
 __all__ = ["DoubleConv", "UNet", "UNetDecoder", "UNetEncoder"]
@@ -52,6 +53,13 @@ class UNetEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Return the features of every level, finest first."""
+        smallest = 2 ** (len(self.blocks) - 1)
+        if min(x.shape[-2:]) < smallest:
+            depth = len(self.blocks) - 1
+            raise LomixUserError(
+                f"a UNet of depth={depth} halves the image {depth} times and needs at least {smallest}x{smallest} "
+                f"pixels, got {tuple(x.shape[-2:])}; use a smaller depth or larger images"
+            )
         features = []
         for i, block in enumerate(self.blocks):
             x = block(x if i == 0 else F.max_pool2d(x, kernel_size=2))
@@ -146,7 +154,7 @@ class UNet(DecoderHeadsNetwork):
         ):
             check_positive_int(name, value)
         if up_mode not in _UP_MODES:
-            raise ValueError(f"`up_mode` must be one of {_UP_MODES}, got {up_mode!r}.")
+            raise LomixUserError(f"`up_mode` must be one of {_UP_MODES}, got {up_mode!r}.")
         self.in_channels = in_channels
         self.num_classes = num_classes
         self.num_outputs = depth

@@ -1,37 +1,9 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from _fixtures import write_acdc
 
 from lomix_lightning.data import ACDCDataModule
-
-
-def write_acdc(root: Path, with_lists: bool = True, list_subdir: str = "lists_ACDC"):
-    rng = np.random.default_rng(0)
-    names = {"train": [], "valid": [], "test": []}
-    for split, count in (("train", 6), ("valid", 2)):
-        (root / split).mkdir(parents=True)
-        for i in range(count):
-            label = np.zeros((48, 40))
-            label[5:20, 5:20] = 1
-            label[25:30, 10:35] = 2
-            label[35:45, 20:30] = 3
-            name = f"patient{i:03d}_frame01_slice_{i}.npz"
-            np.savez(root / split / name, img=rng.random((48, 40)), label=label)
-            names[split].append(name)
-    (root / "test").mkdir()
-    for i in range(2):
-        label = np.zeros((8, 50, 44))
-        label[2:6, 10:30, 10:30] = 3
-        name = f"case_{i:03d}_volume_ED.npz"
-        np.savez(root / "test" / name, img=rng.random((8, 50, 44)), label=label)
-        names["test"].append(name)
-    if with_lists:
-        (root / list_subdir).mkdir(exist_ok=True)
-        for split, entries in names.items():
-            (root / list_subdir / f"{split}.txt").write_text("\n".join(entries) + "\n")
-    return root
 
 
 def test_shapes_classes_and_volumes(tmp_path):
@@ -49,7 +21,7 @@ def test_shapes_classes_and_volumes(tmp_path):
     vol = next(iter(dm.test_dataloader()))
     assert vol["image"].shape == (1, 8, 50, 44) and vol["mask"].shape == (1, 8, 50, 44)
     assert vol["case_name"] == ["case_000_volume_ED"] and bool(vol["volume"][0])
-    assert set(vol["mask"].unique().tolist()) == {0, 3}
+    assert set(vol["mask"].unique().tolist()) == {0, 1, 2, 3}
 
 
 def test_explicit_list_dir_and_glob_fallback(tmp_path):

@@ -1,10 +1,10 @@
-from pathlib import Path
-
 import cv2
 import h5py
 import numpy as np
 import pytest
 import torch
+from _fixtures import SYNAPSE_SIZE as SIZE
+from _fixtures import write_synapse
 
 from lomix_lightning.data import (
     SYNAPSE_14_TO_9,
@@ -14,39 +14,6 @@ from lomix_lightning.data import (
     medical_train_transform,
 )
 from lomix_lightning.data._common import make_loader
-
-SIZE = 64
-
-
-def write_synapse(root: Path, train_cases, test_cases=("case0001", "case0002"), slices=3, labels14=True):
-    """The TransUNet layout with 14-class ids (incl. 11 pancreas and 12 adrenal) when labels14."""
-    (root / "train_npz").mkdir(parents=True)
-    (root / "test_vol_h5").mkdir()
-    (root / "lists").mkdir()
-    rng = np.random.default_rng(0)
-    names = []
-    for ci, case in enumerate(train_cases):
-        for k in range(slices):
-            image = rng.random((SIZE, SIZE))  # float64 like the reference files
-            label = np.zeros((SIZE, SIZE))
-            label[10:30, 10:30] = 1 + (ci + k) % 8
-            if labels14:
-                label[40:50, 40:50] = 11  # pancreas -> 5
-                label[52:56, 5:9] = 12  # right adrenal -> 0
-            name = f"{case}_slice{k:03d}"
-            np.savez(root / "train_npz" / f"{name}.npz", image=image, label=label)
-            names.append(name)
-    for case in test_cases:
-        label = np.zeros((8, SIZE, SIZE))
-        label[2:6, 10:30, 10:30] = 6
-        label[3:5, 40:50, 40:50] = 11 if labels14 else 5
-        with h5py.File(root / "test_vol_h5" / f"{case}.npy.h5", "w") as f:
-            f.create_dataset("image", data=rng.random((8, SIZE, SIZE)))
-            f.create_dataset("label", data=label)
-    (root / "lists" / "train.txt").write_text("\n".join(names) + "\n")
-    (root / "lists" / "test_vol.txt").write_text("\n".join(test_cases) + "\n")
-    return root
-
 
 CASES = ["case0005", "case0006", "case0007", "case0009", "case0010"]
 
