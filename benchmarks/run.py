@@ -5,9 +5,10 @@ Run from the repository root:
     python benchmarks/run.py --output benchmarks/results/cpu.json
     python benchmarks/run.py --device cuda --bf16 --output benchmarks/results/cuda.json   # a GPU, a few minutes
 
-Besides the loss and a bare step, it times the module's own ``training_step`` (with its label check and non-finite
-check, the host reads a user gets) and counts its operators and host reads (``lomix_lightning.profiling``); on CUDA
-also its kernel launches, CUDA's own report of synchronising calls, and ``torch.cuda.max_memory_allocated``.
+Besides the loss and a bare step, it times the module's own ``training_step`` (with its label check on the host, as
+under a Trainer, and its non-finite check: the host reads a user gets) and counts its operators and host reads
+(``lomix_lightning.profiling``); on CUDA also its kernel launches, CUDA's own report of synchronising calls, and
+``torch.cuda.max_memory_allocated``.
 
 Everything runs in this process except the memory probes (one subprocess per configuration, so peak resident memory
 on the CPU is measured from a clean process). Timings interleave the variants (one call of each per round) and report
@@ -145,9 +146,13 @@ def make_module_step(
     image = torch.randn(args.batch, 1, args.size, args.size, generator=gen).to(device)
     mask = torch.randint(0, args.classes, (args.batch, args.size, args.size), generator=gen).to(device)
     batch = {"image": image, "mask": mask}
+    host_mask = mask.cpu()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
+        # under a Trainer, on_before_batch_transfer checks the labels on the host before they reach the device
+        module._check_labels(host_mask, "training")
+        module._host_checked = True
         with counter if counter is not None else contextlib.nullcontext(), _autocast(device, args.bf16):
             loss = module.training_step(batch, 0)
             loss.backward()
@@ -159,7 +164,6 @@ def make_module_step(
 def count_step(scheme: str, args: argparse.Namespace, device: torch.device) -> dict:
     """Operators (about one kernel each), host reads and, on CUDA, kernel launches of one module training step."""
     module = build_module(scheme, args)
-    module.criterion.check_target = True  # as the module runs it
     counter = OpCounter()
     step = make_module_step(module, args, device, counter)
     step()  # warm-up: lazy state, cuDNN choice
@@ -193,7 +197,6 @@ def bench_module_steps(args: argparse.Namespace, device: torch.device) -> dict:
     steps = {}
     for scheme in schemes:
         module = build_module(scheme, args)
-        module.criterion.check_target = True
         steps[scheme] = make_module_step(module, args, device)
     times = interleaved(steps, args.rounds_step, device)
     result: dict = {"seconds": {name: statistics.median(t) for name, t in times.items()}, "_raw": times}
