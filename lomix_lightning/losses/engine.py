@@ -193,6 +193,7 @@ class _LoMixStats(torch.autograd.Function):
                         plan.subsets,
                         params[2 * g - 2],
                         grad_params[2 * g - 2 : 2 * g],
+                        params[2 * g - 1],
                     )
         return None, grad_stacked, *grad_params
 
