@@ -14,7 +14,7 @@ from lomix_lightning.ops import batched
 def kernels(request, monkeypatch):
     """Both forms of the fusion kernels: the CPU's per-subset loops and the GPU's per-size gathers (forced here)."""
     if request.param == "per_size":
-        monkeypatch.setattr(batched, "_loops", lambda x: False)
+        monkeypatch.setattr(batched, "loops", lambda x: False)
     return request.param
 
 
@@ -233,14 +233,17 @@ def test_hand_written_backward_gradcheck(op, kernels):
     assert torch.autograd.gradcheck(fn, (stacked, *cmm.parameters()), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-def test_per_size_kernels_give_the_loss_and_gradients_of_the_loops(monkeypatch):
-    """The whole PyTorch engine (fusion, CE + Dice, hand-written backward) with either kernel form, same numbers."""
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("ignore_index", [None, 3])
+def test_gpu_form_gives_the_loss_and_gradients_of_the_cpu_form(monkeypatch, memory_efficient, ignore_index):
+    """The whole PyTorch engine (fusion, CE + Dice, hand-written backward) in its GPU form (per-size kernels, merged
+    passes; forced here on the CPU) and its CPU form (loops, one pass per group): same numbers."""
     torch.manual_seed(0)
-    loss = LoMixLoss(4, 3, check_target=False).double()
+    loss = LoMixLoss(4, 3, check_target=False, memory_efficient=memory_efficient, ignore_index=ignore_index).double()
     for p in loss.parameters():
         torch.nn.init.normal_(p, std=0.5)
     outputs = _outputs(sizes=(2, 4, 8, 8), dtype=torch.float64)
-    target = torch.randint(0, 3, (2, 8, 8))
+    target = torch.randint(0, 4 if ignore_index else 3, (2, 8, 8))
 
     def run():
         leaves = [o.clone().requires_grad_() for o in outputs]
@@ -251,5 +254,5 @@ def test_per_size_kernels_give_the_loss_and_gradients_of_the_loops(monkeypatch):
 
     monkeypatch.setenv("LOMIX_NATIVE", "0")
     expected = run()
-    monkeypatch.setattr(batched, "_loops", lambda x: False)
+    monkeypatch.setattr(batched, "loops", lambda x: False)
     torch.testing.assert_close(run(), expected)

@@ -55,7 +55,7 @@ def fuse_forward(
     if op == "add":  # every subset sum at once: (K, L) incidence @ (b, L, C*H*W)
         _into(out.view(b, out.shape[1], -1), torch.matmul, weight.t(), x.view(b, num_maps, -1))
         return None
-    if op == "mul" and _loops(x):
+    if op == "mul" and loops(x):
         loop.mul_forward(xs, outs, plan)
         return None
     if op == "mul":
@@ -72,7 +72,7 @@ def fuse_forward(
     num_subsets = outs.shape[1]
     scores = linear_scores(x, weight, bias).view(b, num_subsets, num_maps, h * w)  # (b, K, L, HW)
     attention = torch.softmax(scores, dim=2)  # exactly 0 on the -inf scores of non-members
-    if _loops(x):
+    if loops(x):
         loop.awf_forward(xs, attention, outs, plan)
         return attention
     for i in range(num_maps):  # out_S = sum_i a_{S,i} x_i
@@ -114,7 +114,7 @@ def fuse_backward(
     if op == "add":  # grad x_i = sum of grad over the subsets holding i: one (L, K) 0/1 matrix product
         grad_x.view(b, num_maps, -1).baddbmm_(weight.expand(b, -1, -1), grad.view(b, grad.shape[1], -1))
         return
-    if op == "mul" and _loops(x):
+    if op == "mul" and loops(x):
         loop.mul_backward(xs, fused.view(b, -1, c, h * w), gs.clone(), gx, plan)
         return
     if op == "mul":  # grad x_i += sum_{S holding i} grad_S * (product of S's other members), per size
@@ -135,7 +135,7 @@ def fuse_backward(
         scores_grad = grad.view(b, -1, h * w)  # (b, K*C, HW)
     else:  # awf: out_S = sum_i a_{S,i} x_i
         attention = aux  # (b, K, L, HW)
-        if _loops(x):
+        if loops(x):
             d_attention = loop.awf_backward(xs, attention, gs, gx, plan)
         else:
             d_attention = _awf_backward(xs, attention, gs, gx)
@@ -153,8 +153,12 @@ def _awf_backward(xs: Tensor, attention: Tensor, gs: Tensor, gx: Tensor) -> Tens
     return d_attention
 
 
-def _loops(x: Tensor) -> bool:
-    """Whether to run the per-subset loops of :mod:`lomix_lightning.ops.loop` (CPU, not compiling)."""
+def loops(x: Tensor) -> bool:
+    """Whether to run the CPU forms: the per-subset loops of :mod:`lomix_lightning.ops.loop`, one pass per group.
+
+    On the CPU (not compiling) the work is memory-bound and launches are cheap; elsewhere (GPU, ``meta``, compiled)
+    the per-size kernels and merged passes, which launch few operators.
+    """
     return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
@@ -186,7 +190,8 @@ def linear_scores(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = 
     rows = weight.shape[0]
     if out is None:
         return torch.baddbmm(bias.view(1, rows, 1), weight.expand(b, -1, -1), flat)
-    return torch.baddbmm(bias.view(1, rows, 1).expand(b, rows, h * w), weight.expand(b, -1, -1), flat, out=out)
+    _into(out, torch.baddbmm, bias.view(1, rows, 1).expand(b, rows, h * w), weight.expand(b, -1, -1), flat)
+    return out
 
 
 def linear_backward(
