@@ -132,7 +132,7 @@ class _LoMixStats(torch.autograd.Function):
     def forward(ctx, plan, stacked, *params):  # noqa: D102
         ctx.plan, ctx.num_params = plan, len(params)
         if plan.native:
-            ctx.save_for_backward(stacked, None, *params)
+            ctx.save_for_backward(stacked, *params)
             return _native_forward(plan, stacked, params)
         batch, num_maps, c, h, w = stacked.shape
         widths = [num_maps if op == "original" else len(plan.subsets.subsets) for op in plan.groups]

@@ -102,7 +102,7 @@ def fuse_backward(
         x: ``(b, L, C, H, W)`` the maps the mutants were made of.
         fused: ``(b, K, C, H, W)`` the mutants (read by ``mul`` only).
         aux: What :func:`fuse_forward` returned.
-        grad: ``(b, K, C, H, W)`` gradient of the mutants (not modified).
+        grad: ``(b, K, C, H, W)`` gradient of the mutants; ``mul``'s CPU loop overwrites it (scratch).
         grad_x: ``(b, L, C, H, W)`` accumulated in place.
         plan: The subset plan.
         weight: As in :func:`fuse_forward`.
@@ -115,7 +115,7 @@ def fuse_backward(
         grad_x.view(b, num_maps, -1).baddbmm_(weight.expand(b, -1, -1), grad.view(b, grad.shape[1], -1))
         return
     if op == "mul" and loops(x):
-        loop.mul_backward(xs, fused.view(b, -1, c, h * w), gs.clone(), gx, plan)
+        loop.mul_backward(xs, fused.view(b, -1, c, h * w), gs, gx, plan)
         return
     if op == "mul":  # grad x_i += sum_{S holding i} grad_S * (product of S's other members), per size
         _, others, _, _ = _tables(weight, plan)
@@ -230,6 +230,7 @@ class FuseFunction(torch.autograd.Function):
             [torch.zeros_like(weight), weight.new_zeros(weight.shape[0])] if ctx.op in ("cat", "awf") else None
         )
         with full_precision(x.device):
-            fuse_backward(ctx.op, x, fused, aux, grad.contiguous(), grad_x, ctx.plan, weight, grad_params, bias)
+            grad = grad.clone() if ctx.op == "mul" else grad.contiguous()  # mul may use it as scratch
+            fuse_backward(ctx.op, x, fused, aux, grad, grad_x, ctx.plan, weight, grad_params, bias)
         grad_weight, grad_bias = (None, None) if grad_params is None else grad_params
         return None, None, grad_x, grad_weight, grad_bias
