@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lomix_lightning.ops.batched import FuseFunction, SubsetPlan
+from lomix_lightning.ops.batched import FuseFunction
+from lomix_lightning.ops.plan import SubsetPlan
 from lomix_lightning.ops.subsets import OPERATORS, enumerate_subsets, map_names, validate_operators
 from lomix_lightning.precision import full_precision, fusion_dtype
 
@@ -92,9 +93,11 @@ class CombinatorialMutation(nn.Module):
             self.register_buffer("_cat_index", self._block_index([c] * len(self.subsets), num_in), persistent=False)
         if "awf" in self.operators:
             self.awf = nn.ModuleDict({_subset_key(s): nn.Conv2d(len(s) * c, len(s), 1) for s in self.subsets})
-            self.register_buffer(
-                "_awf_index", self._block_index([len(s) for s in self.subsets], num_in), persistent=False
-            )
+            self.register_buffer("_awf_index", self._awf_dense_index(num_in), persistent=False)
+            self.register_buffer("_awf_rows", self.plan.member_rows(num_outputs), persistent=False)
+        if "mul" in self.operators:
+            self.register_buffer("_mul_index", self.plan.index_table(), persistent=False)
+            self.register_buffer("_mul_incidence", self.plan.member_incidence(), persistent=False)
 
     def _block_index(self, rows_per_subset: list[int], num_in: int) -> Tensor:
         """Flat positions in a dense ``(sum(rows), L*C)`` weight of each subset's ``(rows, |S|*C)`` weight."""
@@ -108,21 +111,40 @@ class CombinatorialMutation(nn.Module):
             row0 += rows
         return torch.tensor(index, dtype=torch.long)
 
+    def _awf_dense_index(self, num_in: int) -> Tensor:
+        """Flat positions in a dense ``(K*L, L*C)`` weight (row ``k*L + i``: subset ``k``'s score of map ``i``)."""
+        c, num_maps = self.num_classes, self.num_outputs
+        index = []
+        for k, subset in enumerate(self.subsets):
+            for i in subset:  # the conv's output rows, in member order
+                for m in subset:  # column block of member m in the concatenation order
+                    start = (k * num_maps + i) * num_in + m * c
+                    index.extend(range(start, start + c))
+        return torch.tensor(index, dtype=torch.long)
+
     def dense_parameters(self, op: str, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
         """The per-subset 1x1 convolutions of ``cat``/``awf`` as one block-sparse ``(rows, L*C)`` weight and a bias.
 
-        Differentiable: gradients reach each subset's convolution. For ``add`` the weight is the constant ``(L, K)``
-        0/1 incidence of maps in subsets (its backward is one matrix product); ``(None, None)`` for ``mul``.
+        Differentiable: gradients reach each subset's convolution. ``cat``: ``(K*C, L*C)``; ``awf``: ``(K*L, L*C)``,
+        row ``k*L + i`` the score of map ``i`` in subset ``k``, with zero weights and a ``-inf`` bias where ``i`` is not
+        a member (its softmax weight is then exactly 0). The constant tables of the other operators: ``add``, the
+        ``(L, K)`` 0/1 incidence of maps in subsets (its backward is one matrix product) and ``None``; ``mul``, the
+        index table and member incidence of :class:`~lomix_lightning.ops.plan.SubsetPlan`.
         """
         if op == "add":
             return self._incidence.to(dtype), None
+        if op == "mul":
+            return self._mul_index, self._mul_incidence.to(dtype)
         if op not in ("cat", "awf"):
             return None, None
         flat, bias = self.packed_parameters(op, dtype)
-        index = self._cat_index if op == "cat" else self._awf_index
-        rows, num_in = bias.shape[0], self.num_outputs * self.num_classes
-        weight = flat.new_zeros(rows * num_in).index_copy(0, index, flat)
-        return weight.view(rows, num_in), bias
+        num_in = self.num_outputs * self.num_classes
+        if op == "cat":
+            rows = bias.shape[0]
+            return flat.new_zeros(rows * num_in).index_copy(0, self._cat_index, flat).view(rows, num_in), bias
+        rows = len(self.subsets) * self.num_outputs
+        weight = flat.new_zeros(rows * num_in).index_copy(0, self._awf_index, flat).view(rows, num_in)
+        return weight, bias.new_full((rows,), float("-inf")).index_copy(0, self._awf_rows, bias)
 
     def packed_parameters(self, op: str, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
         """The ``cat``/``awf`` convolutions as one flat weight and one flat bias (differentiable).

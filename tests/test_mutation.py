@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lomix_lightning import CombinatorialMutation, enumerate_subsets, map_names
+from lomix_lightning import CombinatorialMutation, LoMixLoss, enumerate_subsets, map_names
+from lomix_lightning.ops import batched
+
+
+@pytest.fixture(params=["loop", "per_size"])
+def kernels(request, monkeypatch):
+    """Both forms of the fusion kernels: the CPU's per-subset loops and the GPU's per-size gathers (forced here)."""
+    if request.param == "per_size":
+        monkeypatch.setattr(batched, "loops", lambda x: False)
+    return request.param
 
 
 def _outputs(b=2, c=3, sizes=(4, 8, 8), dtype=torch.float32, requires_grad=False):
@@ -54,7 +63,7 @@ def _reference(cmm, outputs):
 
 
 @pytest.mark.parametrize("sizes", [(8, 8), (4, 8, 8), (2, 4, 8, 8), (2, 2, 4, 4, 8)])
-def test_every_map_matches_plain_loop(sizes):
+def test_every_map_matches_plain_loop(sizes, kernels):
     cmm = CombinatorialMutation(len(sizes), 3)
     for p in cmm.parameters():  # non-trivial values, not the default init only
         torch.nn.init.normal_(p, std=0.5)
@@ -211,7 +220,7 @@ def test_warns_for_many_outputs():
 
 
 @pytest.mark.parametrize("op", ["add", "mul", "cat", "awf"])
-def test_hand_written_backward_gradcheck(op):
+def test_hand_written_backward_gradcheck(op, kernels):
     """Each operator's fused backward (prefix chains, block-sparse products, attention) against finite differences."""
     cmm = CombinatorialMutation(4, 2, operators=[op]).double()
     for p in cmm.parameters():
@@ -222,3 +231,28 @@ def test_hand_written_backward_gradcheck(op):
         return cmm.fuse(op, x)
 
     assert torch.autograd.gradcheck(fn, (stacked, *cmm.parameters()), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+@pytest.mark.parametrize("ignore_index", [None, 3])
+def test_gpu_form_gives_the_loss_and_gradients_of_the_cpu_form(monkeypatch, memory_efficient, ignore_index):
+    """The whole PyTorch engine (fusion, CE + Dice, hand-written backward) in its GPU form (per-size kernels, merged
+    passes; forced here on the CPU) and its CPU form (loops, one pass per group): same numbers."""
+    torch.manual_seed(0)
+    loss = LoMixLoss(4, 3, check_target=False, memory_efficient=memory_efficient, ignore_index=ignore_index).double()
+    for p in loss.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    outputs = _outputs(sizes=(2, 4, 8, 8), dtype=torch.float64)
+    target = torch.randint(0, 4 if ignore_index else 3, (2, 8, 8))
+
+    def run():
+        leaves = [o.clone().requires_grad_() for o in outputs]
+        loss.zero_grad()
+        total = loss(leaves, target).total
+        total.backward()
+        return total, [leaf.grad for leaf in leaves], [p.grad.clone() for p in loss.parameters()]
+
+    monkeypatch.setenv("LOMIX_NATIVE", "0")
+    expected = run()
+    monkeypatch.setattr(batched, "loops", lambda x: False)
+    torch.testing.assert_close(run(), expected)

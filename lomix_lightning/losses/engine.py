@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lomix_lightning.losses.ce_dice import CEDiceTarget, ce_dice_backward, ce_dice_forward, softmax
+from lomix_lightning.losses.ce_dice import CEDiceTarget
+from lomix_lightning.losses.passes import backward_passes, forward_passes, pack_passes
 from lomix_lightning.mutation import CombinatorialMutation
 from lomix_lightning.native import (
     GroupLayout,
@@ -28,7 +29,8 @@ from lomix_lightning.native import (
     subset_layout,
     usable,
 )
-from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward
+from lomix_lightning.ops import batched
+from lomix_lightning.ops.plan import SubsetPlan
 from lomix_lightning.precision import full_precision
 
 
@@ -68,9 +70,13 @@ def lomix_ce_dice_stats(
         plan = _EnginePlan(groups, mutation.plan, prepared, stacked.shape[0], (False,) * len(groups), layouts)
     else:
         keep = tuple(not memory_efficient and op in _KEPT for op in groups)
-        chunk = _chunk_size(stacked, len(mutation.subsets), memory_efficient)
+        passes = _passes(stacked, groups, len(mutation.subsets), memory_efficient)
+        width = max(
+            sum(stacked.shape[1] if groups[g] == "original" else len(mutation.subsets) for g in p) for p in passes
+        )
+        chunk = _chunk_size(stacked, width, memory_efficient)
         params = [p for op in operators for p in mutation.dense_parameters(op, stacked.dtype)]
-        plan = _EnginePlan(groups, mutation.plan, prepared, chunk, keep)
+        plan = _EnginePlan(groups, mutation.plan, prepared, chunk, keep, passes=passes)
     return _LoMixStats.apply(plan, stacked.contiguous(), *params)
 
 
@@ -110,6 +116,7 @@ class _EnginePlan:
     chunk: int
     keep: tuple[bool, ...]
     native: tuple[GroupLayout, ...] | None = None
+    passes: tuple[tuple[int, ...], ...] = ()
 
 
 class _LoMixStats(torch.autograd.Function):
@@ -125,75 +132,78 @@ class _LoMixStats(torch.autograd.Function):
     def forward(ctx, plan, stacked, *params):  # noqa: D102
         ctx.plan, ctx.num_params = plan, len(params)
         if plan.native:
-            ctx.save_for_backward(stacked, None, *params)
+            ctx.save_for_backward(stacked, *params)
             return _native_forward(plan, stacked, params)
-        batch, _, c, h, w = stacked.shape
-        num_subsets = len(plan.subsets.subsets)
-        kept = [  # per group: its softmax, if kept
-            stacked.new_empty(batch, stacked.shape[1] if op == "original" else num_subsets, c, h, w) if keep else None
-            for op, keep in zip(plan.groups, plan.keep)
-        ]
-        kept_mul = any(keep and op == "mul" for op, keep in zip(plan.groups, plan.keep))
-        products = stacked.new_empty(batch, num_subsets, c, h, w) if kept_mul else None
-        attention, chunk_stats = [], []
+        batch, num_maps, c, h, w = stacked.shape
+        widths = [num_maps if op == "original" else len(plan.subsets.subsets) for op in plan.groups]
+        kept, kept_fused = [], []  # per pass: its softmax and (with mul) its maps, if kept
+        for members in plan.passes:
+            keep = all(plan.keep[g] for g in members)
+            shape = (batch, sum(widths[g] for g in members), c, h, w)
+            kept.append(stacked.new_empty(shape) if keep else None)
+            with_mul = keep and any(plan.groups[g] == "mul" for g in members)
+            kept_fused.append(stacked.new_empty(shape) if with_mul else None)
+        extras, chunk_stats = [], []
         for start in range(0, batch, plan.chunk):
             end = start + plan.chunk
             x, target = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
-            stats = []
-            for g, (op, keep) in enumerate(zip(plan.groups, plan.keep)):
-                into = products[start:end] if keep and op == "mul" else None
-                fused, aux = _fuse(op, x, plan.subsets, params, g, into)
-                out = kept[g][start:end] if keep else _workspace("softmax", fused)
-                stats.append(ce_dice_forward(fused, *target, out=out)[1])
-                if keep and op == "awf":
-                    attention.append(aux)
-            chunk_stats.append(torch.cat(stats))
-        ctx.save_for_backward(stacked, products, *params, *kept, *attention)
-        return torch.stack(chunk_stats).sum(dim=0)
+            stats, extra = forward_passes(
+                plan.groups,
+                plan.passes,
+                plan.keep,
+                x,
+                target,
+                plan.subsets,
+                params,
+                [None if t is None else t[start:end] for t in kept],
+                [None if t is None else t[start:end] for t in kept_fused],
+                _workspace,
+            )
+            chunk_stats.append(stats)
+            extras += [e for e in extra if e is not None]
+        ctx.save_for_backward(stacked, *params, *kept, *kept_fused, *extras)
+        return torch.stack(chunk_stats).sum(dim=0) if len(chunk_stats) > 1 else chunk_stats[0]
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
-        plan, (stacked, products, *rest) = ctx.plan, ctx.saved_tensors
+        plan, (stacked, *rest) = ctx.plan, ctx.saved_tensors
         params, rest = rest[: ctx.num_params], rest[ctx.num_params :]
         if plan.native:
             return None, *_native_backward(plan, grad, stacked, params)
-        kept, attention = rest[: len(plan.groups)], rest[len(plan.groups) :]
-        grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
+        num_passes = len(plan.passes)
+        kept, kept_fused, saved = rest[:num_passes], rest[num_passes : 2 * num_passes], rest[2 * num_passes :]
+        with_extra = [
+            g
+            for g, op in enumerate(plan.groups)
+            if op == "awf" and all(plan.keep[m] for p in plan.passes if g in p for m in p)
+        ]
+        first_alone = plan.passes[0] == (0,)  # the original group alone first writes every element
+        grad_stacked = torch.empty_like(stacked) if first_alone else torch.zeros_like(stacked)
         grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
         with full_precision(stacked.device):
             for c, start in enumerate(range(0, stacked.shape[0], plan.chunk)):
                 end = start + plan.chunk
-                x, (target, valid, _) = stacked[start:end], _target_chunk(plan.prepared, start, plan.chunk)
-                grad_x, row = grad_stacked[start:end], 0
-                for g, (op, keep) in enumerate(zip(plan.groups, plan.keep)):
-                    aux = attention[c] if keep and op == "awf" else None
-                    if op == "original":
-                        fused = x
-                    elif keep:
-                        fused = products[start:end] if op == "mul" else None
-                    else:
-                        fused, aux = _fuse(op, x, plan.subsets, params, g)
-                    rows = grad[row : row + x.shape[1] if op == "original" else row + len(plan.subsets.subsets)]
-                    row += rows.shape[0]
-                    out = (
-                        grad_x if op == "original" else _workspace("grad", x, (x.shape[0], rows.shape[0], *x.shape[2:]))
-                    )
-                    p = kept[g][start:end] if keep else softmax(fused, out=_workspace("softmax", fused))
-                    ce_dice_backward(p, rows, target, valid, out=out)
-                    if op == "original":
-                        continue
-                    fuse_backward(
-                        op,
-                        x,
-                        fused,
-                        aux,
-                        out,
-                        grad_x,
-                        plan.subsets,
-                        params[2 * g - 2],
-                        grad_params[2 * g - 2 : 2 * g],
-                    )
+                target, valid, _ = _target_chunk(plan.prepared, start, plan.chunk)
+                extras = [None] * len(plan.groups)
+                for j, g in enumerate(with_extra):
+                    extras[g] = saved[c * len(with_extra) + j]
+                backward_passes(
+                    plan.groups,
+                    plan.passes,
+                    plan.keep,
+                    stacked[start:end],
+                    (target, valid),
+                    plan.subsets,
+                    params,
+                    grad,
+                    grad_stacked[start:end],
+                    grad_params,
+                    [None if t is None else t[start:end] for t in kept],
+                    [None if t is None else t[start:end] for t in kept_fused],
+                    extras,
+                    _workspace,
+                )
         return None, grad_stacked, *grad_params
 
 
@@ -231,27 +241,32 @@ def _native_backward(
 _KERNEL_OP = {"original": "identity"}
 
 
-def _fuse(
-    op: str, x: Tensor, subsets: SubsetPlan, params: Sequence[Tensor | None], group: int, into: Tensor | None = None
-) -> tuple[Tensor, Tensor | None]:
-    """One operator group of a chunk: ``(b, K, C, H, W)`` maps (in ``into`` or a workspace) and the fusion's extra."""
-    if op == "original":
-        return x, None
-    b, _, c, h, w = x.shape
-    if into is None:
-        into = _workspace("fused", x, (b, len(subsets.subsets), c, h, w))
-    return into, fuse_forward(op, x, into, subsets, params[2 * group - 2], params[2 * group - 1])
+def _passes(
+    stacked: Tensor, groups: Sequence[str], num_subsets: int, memory_efficient: bool
+) -> tuple[tuple[int, ...], ...]:
+    """Groups per pass: one per pass on the CPU and with ``memory_efficient``, else packed up to ``L + 2K`` maps.
+
+    A pass costs about 35 operators (GPU kernel launches) and holds about three buffers of its width in backward.
+    ``L + 2K`` (two passes for the four operators: original, add, mul | cat, awf) is the widest whose peak stays near
+    the one-group-per-pass engine's (which kept the original and ``cat`` softmax); one pass of all ``L + 4K`` maps
+    would save another ~35 operators for about 1.8x that peak.
+    """
+    num_maps = stacked.shape[1]
+    widths = [num_maps if op == "original" else num_subsets for op in groups]
+    if batched.loops(stacked) or memory_efficient:
+        return pack_passes(widths, 0)
+    return pack_passes(widths, num_maps + 2 * num_subsets)
 
 
-def _chunk_size(stacked: Tensor, num_subsets: int, memory_efficient: bool) -> int:
-    """Images per chunk: the whole batch on a GPU (few kernel launches), else as many as fit ``_CHUNK_BYTES``.
+def _chunk_size(stacked: Tensor, width: int, memory_efficient: bool) -> int:
+    """Images per chunk: the whole batch on a GPU, else as many as fit ``_CHUNK_BYTES`` in a pass of ``width`` maps.
 
     On the CPU the bound keeps the cached buffers small; with ``memory_efficient`` it bounds the memory.
     """
     batch, num_maps, c, h, w = stacked.shape
     if stacked.device.type != "cpu" and not memory_efficient:
         return batch
-    per_image = max(num_maps, num_subsets) * c * h * w * stacked.element_size()
+    per_image = width * c * h * w * stacked.element_size()
     return max(1, min(batch, _CHUNK_BYTES // per_image))
 
 

@@ -1,59 +1,25 @@
 """Batched fusion kernels: one operator's mutants for all subsets at once, with a hand-written backward.
 
-:class:`SubsetPlan` holds the index bookkeeping; :func:`fuse_forward` / :func:`fuse_backward` are the pure,
-autograd-free kernels shared by :class:`~lomix_lightning.CombinatorialMutation` and the fused CE + Dice engine
-(:mod:`lomix_lightning.losses.engine`); :class:`FuseFunction` wraps them for autograd. ``add``/``mul`` reuse each
-subset's prefix; ``cat``/``awf`` run their per-subset 1x1 convolutions as one block-sparse matrix product. The plain
-one-subset definitions they are tested against are in :mod:`lomix_lightning.ops.fusion`.
+:class:`~lomix_lightning.ops.plan.SubsetPlan` holds the index bookkeeping; :func:`fuse_forward` /
+:func:`fuse_backward` are the pure, autograd-free kernels shared by :class:`~lomix_lightning.CombinatorialMutation`
+and the fused CE + Dice engine (:mod:`lomix_lightning.losses.engine`); :class:`FuseFunction` wraps them for autograd.
+Each runs a few operators per subset size or per map, never one per subset (on a GPU each operator is a kernel
+launch): ``add`` is one incidence matrix product, ``mul`` one gather-and-multiply per subset size, ``cat``/``awf`` run
+their per-subset 1x1 convolutions as one block-sparse matrix product. The plain one-subset definitions they are tested
+against are in :mod:`lomix_lightning.ops.fusion`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lomix_lightning.ops.subsets import enumerate_subsets
+from lomix_lightning.ops import loop
+from lomix_lightning.ops.plan import SubsetPlan
 from lomix_lightning.precision import full_precision
-
-
-@dataclass(frozen=True)
-class SubsetPlan:
-    """Index bookkeeping shared by the fusion kernels.
-
-    Attributes:
-        subsets: The fused subsets, in ``itertools.combinations`` order (all pairs, then triples, ...).
-        prefix: Per subset, the position of its prefix ``S[:-1]`` in ``subsets`` (``-1`` for pairs).
-        rows: Per subset, its first row among the ``sum |S|`` awf scores.
-        sizes: ``(first row, number of subsets, subset size)`` per subset size (awf softmax groups).
-
-    Example:
-        >>> plan = SubsetPlan.build(3)
-        >>> plan.subsets, plan.prefix, plan.rows
-        (((0, 1), (0, 2), (1, 2), (0, 1, 2)), (-1, -1, -1, 0), (0, 2, 4, 6))
-    """
-
-    subsets: tuple[tuple[int, ...], ...]
-    prefix: tuple[int, ...]
-    rows: tuple[int, ...]
-    sizes: tuple[tuple[int, int, int], ...]
-
-    @classmethod
-    def build(cls, num_outputs: int) -> SubsetPlan:
-        """The plan of every subset of ``num_outputs`` maps."""
-        subsets = tuple(enumerate_subsets(num_outputs))
-        position = {s: k for k, s in enumerate(subsets)}
-        prefix = tuple(position.get(s[:-1], -1) for s in subsets)
-        rows, sizes, row = [], [], 0
-        for size in range(2, num_outputs + 1):
-            count = sum(len(s) == size for s in subsets)
-            sizes.append((row, count, size))
-            rows.extend(row + size * j for j in range(count))
-            row += size * count
-        return cls(subsets, prefix, tuple(rows), tuple(sizes))
 
 
 def fuse_forward(
@@ -61,39 +27,59 @@ def fuse_forward(
 ) -> Tensor | None:
     """Write one operator's mutants of ``x`` (``(b, L, C, H, W)``) into ``out`` (``(b, K, C, H, W)``), no autograd.
 
-    ``add``/``mul`` reuse each subset's prefix; ``cat`` and ``awf`` run one block-sparse ``(rows, L*C)`` matrix
-    product over all subsets. Returns the awf attention ``(b, sum |S|, H*W)`` (what its backward needs), else ``None``.
+    A few operators per operator, whatever ``K``: ``add`` is one ``(K, L)`` incidence product; ``mul`` one product
+    per subset size (each subset's prefix, gathered from the previous size, times its last member); ``cat`` one
+    block-sparse ``(K*C, L*C)`` matrix product; ``awf`` one ``(K*L, L*C)`` product for the scores (``-inf`` bias on
+    non-members), one softmax over the ``L`` maps and ``L`` multiply-adds. Returns the awf attention
+    ``(b, K, L, H*W)`` (what its backward needs), else ``None``.
+
+    Args:
+        op: The operator.
+        x: ``(b, L, C, H, W)`` maps.
+        out: ``(b, K, C, H, W)`` written.
+        plan: The subset plan.
+        weight: ``add``: the ``(L, K)`` incidence; ``mul``: :meth:`SubsetPlan.index_table`; ``cat``/``awf``: the
+            dense weight of :meth:`~lomix_lightning.CombinatorialMutation.dense_parameters`.
+        bias: ``cat``/``awf``: the dense bias; ``mul``: :meth:`SubsetPlan.member_incidence`.
 
     Example:
         >>> x = torch.arange(3.0).view(1, 3, 1, 1, 1)  # (b, L, C, H, W): maps holding 0, 1, 2
         >>> out = torch.empty(1, 4, 1, 1, 1)
-        >>> fuse_forward("add", x, out, SubsetPlan.build(3), None, None)
+        >>> incidence = torch.tensor([[1.0, 1, 0, 1], [1, 0, 1, 1], [0, 1, 1, 1]])  # (L, K) maps in subsets
+        >>> fuse_forward("add", x, out, SubsetPlan.build(3), incidence, None)
         >>> out.flatten().tolist()  # (1,2), (1,3), (2,3), (1,2,3)
         [1.0, 2.0, 3.0, 3.0]
     """
     b, num_maps, c, h, w = x.shape
     xs, outs = x.view(b, num_maps, c, h * w), out.view(b, -1, c, h * w)
-    if op == "add" and weight is not None:  # every subset sum at once: (K, L) incidence @ (b, L, C*H*W)
-        torch.matmul(weight.t(), x.view(b, num_maps, -1), out=out.view(b, out.shape[1], -1))
+    if op == "add":  # every subset sum at once: (K, L) incidence @ (b, L, C*H*W)
+        _into(out.view(b, out.shape[1], -1), torch.matmul, weight.t(), x.view(b, num_maps, -1))
         return None
-    if op in ("add", "mul"):
-        combine = torch.add if op == "add" else torch.mul
-        for k, s in enumerate(plan.subsets):
-            head = xs[:, s[0]] if plan.prefix[k] < 0 else outs[:, plan.prefix[k]]
-            _into(outs[:, k], combine, head, xs[:, s[-1]])
+    if op == "mul" and loops(x):
+        loop.mul_forward(xs, outs, plan)
+        return None
+    if op == "mul":
+        _, _, last, prefix = _tables(weight, plan)
+        previous = xs
+        for block in plan.blocks:  # F_S = F_{S[:-1]} * x_{S[-1]}, the prefixes in the previous size's block
+            k = slice(block.first, block.first + block.count)
+            _into(outs[:, k], torch.mul, previous.index_select(1, prefix[k]), xs.index_select(1, last[k]))
+            previous = outs[:, k]
         return None
     if op == "cat":
         linear_scores(x, weight, bias, out=outs.view(b, -1, h * w))
         return None
-    attention = linear_scores(x, weight, bias)  # (b, sum |S|, HW) scores
-    for row, count, size in plan.sizes:  # softmax over the members of each subset
-        scores = attention[:, row : row + count * size].view(b, count, size, h * w)
-        scores.copy_(scores.softmax(dim=2))
-    for k, s in enumerate(plan.subsets):
-        row = plan.rows[k]
-        _into(outs[:, k], torch.mul, xs[:, s[0]], attention[:, row, None])
-        for j, i in enumerate(s[1:], start=1):
-            outs[:, k].addcmul_(xs[:, i], attention[:, row + j, None])
+    num_subsets = outs.shape[1]
+    scores = linear_scores(x, weight, bias).view(b, num_subsets, num_maps, h * w)  # (b, K, L, HW)
+    attention = torch.softmax(scores, dim=2)  # exactly 0 on the -inf scores of non-members
+    if loops(x):
+        loop.awf_forward(xs, attention, outs, plan)
+        return attention
+    for i in range(num_maps):  # out_S = sum_i a_{S,i} x_i
+        if i == 0:
+            _into(outs, torch.mul, attention[:, :, :1], xs[:, None, 0])
+        else:
+            outs.addcmul_(attention[:, :, i, None], xs[:, None, i])
     return attention
 
 
@@ -107,6 +93,7 @@ def fuse_backward(
     plan: SubsetPlan,
     weight: Tensor | None,
     grad_params: list[Tensor] | None,
+    bias: Tensor | None = None,
 ) -> None:
     """Accumulate the gradient of one operator's mutants into ``grad_x`` and ``grad_params``, no autograd.
 
@@ -115,41 +102,70 @@ def fuse_backward(
         x: ``(b, L, C, H, W)`` the maps the mutants were made of.
         fused: ``(b, K, C, H, W)`` the mutants (read by ``mul`` only).
         aux: What :func:`fuse_forward` returned.
-        grad: ``(b, K, C, H, W)`` gradient of the mutants; ``mul`` overwrites it.
+        grad: ``(b, K, C, H, W)`` gradient of the mutants; ``mul``'s CPU loop overwrites it (scratch).
         grad_x: ``(b, L, C, H, W)`` accumulated in place.
         plan: The subset plan.
-        weight: The ``cat``/``awf`` block-sparse weight; for ``add`` the ``(L, K)`` subset incidence.
+        weight: As in :func:`fuse_forward`.
         grad_params: ``[grad weight, grad bias]`` accumulated in place (``cat``/``awf``; ``None`` to skip).
+        bias: As in :func:`fuse_forward` (read by ``mul`` only).
     """
     b, num_maps, c, h, w = x.shape
     xs, gx, gs = x.view(b, num_maps, c, h * w), grad_x.view(b, num_maps, c, h * w), grad.view(b, -1, c, h * w)
     if op == "add":  # grad x_i = sum of grad over the subsets holding i: one (L, K) 0/1 matrix product
         grad_x.view(b, num_maps, -1).baddbmm_(weight.expand(b, -1, -1), grad.view(b, grad.shape[1], -1))
         return
-    if op == "mul":  # F_S = F_prefix * x_last; reverse order sees every subset after all its extensions
-        fs = fused.view(b, -1, c, h * w)
-        for k in reversed(range(len(plan.subsets))):
-            s, pre = plan.subsets[k], plan.prefix[k]
-            head = xs[:, s[0]] if pre < 0 else fs[:, pre]
-            gx[:, s[-1]].addcmul_(gs[:, k], head)
-            (gx[:, s[0]] if pre < 0 else gs[:, pre]).addcmul_(gs[:, k], xs[:, s[-1]])
+    if op == "mul" and loops(x):
+        loop.mul_backward(xs, fused.view(b, -1, c, h * w), gs, gx, plan)
+        return
+    if op == "mul":  # grad x_i += sum_{S holding i} grad_S * (product of S's other members), per size
+        _, others, _, _ = _tables(weight, plan)
+        fs, previous = fused.view(b, -1, c, h * w), xs
+        for block in plan.blocks:
+            rows = slice(block.row, block.row + block.count * block.size)
+            k = slice(block.first, block.first + block.count)
+            terms = previous.index_select(1, others[rows])  # (b, count * size, C, HW)
+            terms.view(b, block.count, block.size, c * h * w).mul_(gs[:, k].reshape(b, block.count, 1, -1))
+            incidence = bias[num_maps * block.row : num_maps * (block.row + block.count * block.size)]
+            grad_x.view(b, num_maps, -1).baddbmm_(
+                incidence.view(num_maps, -1).expand(b, -1, -1), terms.view(b, block.count * block.size, -1)
+            )
+            previous = fs[:, k]
         return
     if op == "cat":
         scores_grad = grad.view(b, -1, h * w)  # (b, K*C, HW)
-    else:
-        attention = aux
-        d_attention = torch.empty_like(attention)
-        for k, s in enumerate(plan.subsets):
-            row = plan.rows[k]
-            for j, i in enumerate(s):
-                _into(d_attention[:, row + j], torch.linalg.vecdot, gs[:, k], xs[:, i], dim=1)
-                gx[:, i].addcmul_(gs[:, k], attention[:, row + j, None])
-        scores_grad = torch.empty_like(attention)
-        for row, count, size in plan.sizes:  # softmax backward per subset
-            a = attention[:, row : row + count * size].view(b, count, size, h * w)
-            da = d_attention[:, row : row + count * size].view(b, count, size, h * w)
-            scores_grad[:, row : row + count * size] = (a * (da - (a * da).sum(dim=2, keepdim=True))).flatten(1, 2)
+    else:  # awf: out_S = sum_i a_{S,i} x_i
+        attention = aux  # (b, K, L, HW)
+        if loops(x):
+            d_attention = loop.awf_backward(xs, attention, gs, gx, plan)
+        else:
+            d_attention = _awf_backward(xs, attention, gs, gx)
+        scores_grad = torch._softmax_backward_data(d_attention, attention, 2, attention.dtype)
+        scores_grad = scores_grad.view(b, -1, h * w)  # (b, K*L, HW); 0 on non-members
     linear_backward(x, weight, scores_grad, grad_x, grad_params)
+
+
+def _awf_backward(xs: Tensor, attention: Tensor, gs: Tensor, gx: Tensor) -> Tensor:
+    """Awf backward through the members, per map: accumulate ``gx``, return ``d attention`` ``(b, K, L, HW)``."""
+    d_attention = torch.empty_like(attention)
+    for i in range(xs.shape[1]):  # d a_{S,i} = <grad_S, x_i> (also off the members: the softmax zeroes those)
+        gx[:, i] += (gs * attention[:, :, i, None]).sum(dim=1)
+        _into(d_attention[:, :, i], torch.sum, gs * xs[:, None, i], dim=2)
+    return d_attention
+
+
+def loops(x: Tensor) -> bool:
+    """Whether to run the CPU forms: the per-subset loops of :mod:`lomix_lightning.ops.loop`, one pass per group.
+
+    On the CPU (not compiling) the work is memory-bound and launches are cheap; elsewhere (GPU, ``meta``, compiled)
+    the per-size kernels and merged passes, which launch few operators.
+    """
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _tables(table: Tensor, plan: SubsetPlan) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The views ``members, others, last members, prefixes`` of :meth:`SubsetPlan.index_table`."""
+    rows, count = plan.num_rows, len(plan.subsets)
+    return table[:rows], table[rows : 2 * rows], table[2 * rows : 2 * rows + count], table[2 * rows + count :]
 
 
 def _into(out: Tensor, fn: Callable[..., Tensor], *args: Tensor, **kwargs: int) -> None:
@@ -174,7 +190,8 @@ def linear_scores(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = 
     rows = weight.shape[0]
     if out is None:
         return torch.baddbmm(bias.view(1, rows, 1), weight.expand(b, -1, -1), flat)
-    return torch.baddbmm(bias.view(1, rows, 1).expand(b, rows, h * w), weight.expand(b, -1, -1), flat, out=out)
+    _into(out, torch.baddbmm, bias.view(1, rows, 1).expand(b, rows, h * w), weight.expand(b, -1, -1), flat)
+    return out
 
 
 def linear_backward(
@@ -201,19 +218,19 @@ class FuseFunction(torch.autograd.Function):
         out = x.new_empty(b, len(plan.subsets), c, h, w)
         aux = fuse_forward(op, x, out, plan, weight, bias)
         ctx.op, ctx.plan = op, plan
-        ctx.save_for_backward(x, weight, out if op == "mul" else None, aux)
+        ctx.save_for_backward(x, weight, bias, out if op == "mul" else None, aux)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):  # noqa: D102
-        x, weight, fused, aux = ctx.saved_tensors
+        x, weight, bias, fused, aux = ctx.saved_tensors
         grad_x = torch.zeros_like(x)
         grad_params = (
             [torch.zeros_like(weight), weight.new_zeros(weight.shape[0])] if ctx.op in ("cat", "awf") else None
         )
-        grad = grad.clone() if ctx.op == "mul" else grad.contiguous()  # mul accumulates into it
         with full_precision(x.device):
-            fuse_backward(ctx.op, x, fused, aux, grad, grad_x, ctx.plan, weight, grad_params)
+            grad = grad.clone() if ctx.op == "mul" else grad.contiguous()  # mul may use it as scratch
+            fuse_backward(ctx.op, x, fused, aux, grad, grad_x, ctx.plan, weight, grad_params, bias)
         grad_weight, grad_bias = (None, None) if grad_params is None else grad_params
         return None, None, grad_x, grad_weight, grad_bias
