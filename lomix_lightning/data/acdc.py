@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lomix_lightning.data._common import check_int, read_list_file
-from lomix_lightning.data._medical import SliceVolumeDataModule
-from lomix_lightning.data.slices import SliceDataset
-from lomix_lightning.data.transforms import SeededTransform, medical_eval_transform, medical_train_transform
-from lomix_lightning.data.volumes import VolumeDataset
+from lomix_lightning.data.components.lists import read_list_file
+from lomix_lightning.data.components.medical import SliceVolumeDataModule
+from lomix_lightning.data.components.slices import SliceDataset
+from lomix_lightning.data.components.transforms import SeededTransform, medical_eval_transform, medical_train_transform
+from lomix_lightning.data.components.validation import check_int
+from lomix_lightning.data.components.volumes import VolumeDataset
 from lomix_lightning.errors import LomixUserError
 
 __all__ = ["ACDC_CLASS_NAMES", "ACDCDataModule"]
@@ -32,7 +33,7 @@ class ACDCDataModule(SliceVolumeDataModule):
     """ACDC slices for training/validation and whole short-axis volumes for testing (4 classes with background).
 
     Training slices get the same augmentation as Synapse
-    (:func:`~lomix_lightning.data.transforms.medical_train_transform`); validation slices are resized only;
+    (:func:`~lomix_lightning.data.components.transforms.medical_train_transform`); validation slices are resized only;
     test/predict items are whole volumes at original resolution (``batch_size=1``).
 
     Args:
