@@ -14,12 +14,13 @@ does not exist, the sorted ``*.npz`` files of the split folder are used.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from lomix_lightning.data.components.lists import read_list_file
 from lomix_lightning.data.components.medical import SliceVolumeDataModule
 from lomix_lightning.data.components.slices import SliceDataset
 from lomix_lightning.data.components.transforms import SeededTransform, medical_eval_transform, medical_train_transform
-from lomix_lightning.data.components.validation import check_int
+from lomix_lightning.data.components.validation import check_fixed_classes, check_int
 from lomix_lightning.data.components.volumes import VolumeDataset
 from lomix_lightning.errors import LomixUserError
 
@@ -45,6 +46,8 @@ class ACDCDataModule(SliceVolumeDataModule):
         return_spacing: Add a volume's stored ``spacing`` array (if any) to test items, so that HD95 is in mm.
             Default ``False``: voxel units, as in the paper.
         num_workers: DataLoader workers.
+        num_classes: Always 4 (background, RV, Myo, LV). It is a parameter so that the CLI's link from
+            ``--model.num_classes`` is checked when the command line is parsed: another value is refused there.
 
     Raises:
         ValueError: On bad arguments; in ``setup``, on an empty split, missing keys or out-of-range labels
@@ -66,8 +69,10 @@ class ACDCDataModule(SliceVolumeDataModule):
         seed: int = 1234,
         return_spacing: bool = False,
         num_workers: int = 0,
+        num_classes: Literal[4] = 4,
     ) -> None:
         super().__init__()
+        check_fixed_classes(type(self).__name__, num_classes, len(ACDC_CLASS_NAMES), ACDC_CLASS_NAMES)
         check_int("img_size", img_size, minimum=8)
         check_int("batch_size", batch_size, minimum=1)
         check_int("seed", seed, minimum=0)
@@ -75,7 +80,7 @@ class ACDCDataModule(SliceVolumeDataModule):
         self.save_hyperparameters()
         self.root = Path(root)
         self.list_dir = None if list_dir is None else Path(list_dir)
-        self.num_classes, self.in_channels, self.class_names = 4, 1, list(ACDC_CLASS_NAMES)
+        self.num_classes, self.in_channels, self.class_names = num_classes, 1, list(ACDC_CLASS_NAMES)
         self.img_size, self.batch_size, self.seed, self.num_workers = img_size, batch_size, seed, num_workers
         self.return_spacing = return_spacing
         self.train_set: SliceDataset | None = None

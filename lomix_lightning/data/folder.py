@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import lightning.pytorch as pl
 import numpy as np
@@ -26,7 +27,7 @@ from lomix_lightning.data.components.pairs import (
 )
 from lomix_lightning.data.components.splits import check_split_ratios, split_by_ratio
 from lomix_lightning.data.components.transforms import SeededTransform, folder_eval_transform, folder_train_transform
-from lomix_lightning.data.components.validation import check_int
+from lomix_lightning.data.components.validation import check_fixed_classes, check_int
 from lomix_lightning.errors import LomixUserError
 
 __all__ = [
@@ -101,6 +102,8 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         batch_size: Batch size.
         num_workers: DataLoader workers.
         class_name: Name of the foreground class (``class_names == [class_name]``).
+        num_classes: Always 1 (one foreground logit channel, for the ``structure`` loss). It is a parameter so
+            that the CLI's link from ``--model.num_classes`` is checked when the command line is parsed.
 
     Raises:
         ValueError: On bad arguments; in ``setup``, on an empty folder, images without masks, an unknown stem in a
@@ -125,8 +128,10 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         batch_size: int = 16,
         num_workers: int = 0,
         class_name: str = "foreground",
+        num_classes: Literal[1] = 1,
     ) -> None:
         super().__init__()
+        check_fixed_classes(type(self).__name__, num_classes, 1, ("one foreground logit channel",))
         check_int("img_size", img_size, minimum=32)
         check_int("batch_size", batch_size, minimum=1)
         check_int("seed", seed, minimum=0)
@@ -138,7 +143,7 @@ class FolderSegmentationDataModule(pl.LightningDataModule):
         self.split_files = None if split_files is None else Path(split_files)
         self.img_size, self.splits, self.seed, self.augment = img_size, tuple(splits), seed, augment
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.num_classes, self.in_channels, self.class_names = 1, 3, [class_name]
+        self.num_classes, self.in_channels, self.class_names = num_classes, 3, [class_name]
         self.split_stems: dict[str, list[str]] = {}
         self.train_set: FolderSegmentationDataset | None = None
         self.val_set: FolderSegmentationDataset | None = None

@@ -6,6 +6,7 @@ One integer validator (:func:`check_int`), one fraction validator, and one label
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,14 @@ from torch import Tensor
 
 from lomix_lightning.errors import LomixUserError
 
-__all__ = ["check_fraction", "check_int", "check_label_range", "label_range_mask", "labels_outside_range"]
+__all__ = [
+    "check_fixed_classes",
+    "check_fraction",
+    "check_int",
+    "check_label_range",
+    "label_range_mask",
+    "labels_outside_range",
+]
 
 
 def check_int(name: str, value: int, minimum: int) -> None:
@@ -50,6 +58,28 @@ def check_fraction(name: str, value: float) -> None:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < float(value) <= 1.0:
         raise LomixUserError(f"`{name}` must be a number in (0, 1], got {value!r}")
+
+
+def check_fixed_classes(owner: str, num_classes: int, allowed: int, meaning: Sequence[str]) -> None:
+    """Raise ``ValueError`` unless ``num_classes == allowed``, for a data module whose class count is fixed.
+
+    Args:
+        owner: The data module's name, for the message.
+        num_classes: The value asked for (e.g. linked from ``--model.num_classes``).
+        allowed: The one value the data supports.
+        meaning: What the classes are, for the message.
+
+    Raises:
+        ValueError: If ``num_classes`` differs from ``allowed``.
+
+    Example:
+        >>> check_fixed_classes("ACDCDataModule", 5, 4, ["background", "RV", "Myo", "LV"])
+        Traceback (most recent call last):
+        ...
+        lomix_lightning.errors.LomixUserError: ACDCDataModule has num_classes=4 (background, RV, Myo, LV), got 5
+    """
+    if isinstance(num_classes, bool) or num_classes != allowed:
+        raise LomixUserError(f"{owner} has num_classes={allowed} ({', '.join(meaning)}), got {num_classes!r}")
 
 
 def label_range_mask(labels: np.ndarray | Tensor, high: int, ignore_index: int | None = None) -> np.ndarray | Tensor:
