@@ -83,7 +83,7 @@ class FolderSegmentationDataset(Dataset):
 class FolderSegmentationDataModule(pl.LightningDataModule):
     """Binary segmentation (one logit channel) from image/mask folders, for the ``structure`` loss.
 
-    Pairing and binarisation follow :mod:`lomix_lightning.data.folder`. The train/val/test split is a seeded
+    Pairing and binarisation follow :mod:`lomix_lightning.data.components.pairs`. The train/val/test split is a seeded
     ``splits`` ratio split of the sorted image stems, or, with ``split_files``, the stems listed in
     ``train.txt``/``val.txt``/``test.txt`` there. Training images get the rotation/flip augmentation (when
     ``augment``), then each *batch* is resized to one of ``round(img_size * scale / 32) * 32`` for a random
