@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lomix_lightning._checkpoint import read_checkpoint
 from lomix_lightning._cli_errors import summarize_error
-from lomix_lightning._interrupt import EXIT_CODES, InterruptCheckpoint
+from lomix_lightning.callbacks.interrupt import EXIT_CODES, InterruptCheckpoint
 from lomix_lightning.errors import LomixUserError
 
 DEMO_MODEL: dict[str, Any] = {

@@ -239,12 +239,12 @@ def test_binary_protocol_fit_and_test_from_the_cli(capsys, tmp_path, monkeypatch
 
 
 def test_mask_reading_errors_name_the_file(tmp_path):
-    from lomix_lightning.data.folder import FolderPair, _load_pair
+    from lomix_lightning.data.components.pairs import FolderPair, load_pair
 
     bad = tmp_path / "a.png"
     bad.write_bytes(b"")
     with pytest.raises(LomixUserError, match=f"cannot read the image file {bad}"):
-        _load_pair(FolderPair("a", bad, bad))
+        load_pair(FolderPair("a", bad, bad))
 
 
 def test_user_error_in_a_class_init_wrapped_by_jsonargparse_stays_a_user_error(capsys, tmp_path, monkeypatch):

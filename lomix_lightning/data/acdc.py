@@ -14,12 +14,14 @@ does not exist, the sorted ``*.npz`` files of the split folder are used.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from lomix_lightning.data._common import check_int, read_list_file
-from lomix_lightning.data._medical import SliceVolumeDataModule
-from lomix_lightning.data.slices import SliceDataset
-from lomix_lightning.data.transforms import SeededTransform, medical_eval_transform, medical_train_transform
-from lomix_lightning.data.volumes import VolumeDataset
+from lomix_lightning.data.components.lists import read_list_file
+from lomix_lightning.data.components.medical import SliceVolumeDataModule
+from lomix_lightning.data.components.slices import SliceDataset
+from lomix_lightning.data.components.transforms import SeededTransform, medical_eval_transform, medical_train_transform
+from lomix_lightning.data.components.validation import check_fixed_classes, check_int
+from lomix_lightning.data.components.volumes import VolumeDataset
 from lomix_lightning.errors import LomixUserError
 
 __all__ = ["ACDC_CLASS_NAMES", "ACDCDataModule"]
@@ -32,7 +34,7 @@ class ACDCDataModule(SliceVolumeDataModule):
     """ACDC slices for training/validation and whole short-axis volumes for testing (4 classes with background).
 
     Training slices get the same augmentation as Synapse
-    (:func:`~lomix_lightning.data.transforms.medical_train_transform`); validation slices are resized only;
+    (:func:`~lomix_lightning.data.components.transforms.medical_train_transform`); validation slices are resized only;
     test/predict items are whole volumes at original resolution (``batch_size=1``).
 
     Args:
@@ -44,6 +46,8 @@ class ACDCDataModule(SliceVolumeDataModule):
         return_spacing: Add a volume's stored ``spacing`` array (if any) to test items, so that HD95 is in mm.
             Default ``False``: voxel units, as in the paper.
         num_workers: DataLoader workers.
+        num_classes: Always 4 (background, RV, Myo, LV). It is a parameter so that the CLI's link from
+            ``--model.num_classes`` is checked when the command line is parsed: another value is refused there.
 
     Raises:
         ValueError: On bad arguments; in ``setup``, on an empty split, missing keys or out-of-range labels
@@ -65,8 +69,10 @@ class ACDCDataModule(SliceVolumeDataModule):
         seed: int = 1234,
         return_spacing: bool = False,
         num_workers: int = 0,
+        num_classes: Literal[4] = 4,
     ) -> None:
         super().__init__()
+        check_fixed_classes(type(self).__name__, num_classes, len(ACDC_CLASS_NAMES), ACDC_CLASS_NAMES)
         check_int("img_size", img_size, minimum=8)
         check_int("batch_size", batch_size, minimum=1)
         check_int("seed", seed, minimum=0)
@@ -74,7 +80,7 @@ class ACDCDataModule(SliceVolumeDataModule):
         self.save_hyperparameters()
         self.root = Path(root)
         self.list_dir = None if list_dir is None else Path(list_dir)
-        self.num_classes, self.in_channels, self.class_names = 4, 1, list(ACDC_CLASS_NAMES)
+        self.num_classes, self.in_channels, self.class_names = num_classes, 1, list(ACDC_CLASS_NAMES)
         self.img_size, self.batch_size, self.seed, self.num_workers = img_size, batch_size, seed, num_workers
         self.return_spacing = return_spacing
         self.train_set: SliceDataset | None = None

@@ -1,183 +1,44 @@
-"""Binary 2-D segmentation from a folder of images and a folder of masks (Kvasir, ClinicDB, ISIC2018, BUSI, ...).
+"""Binary 2-D segmentation from a folder of images and a folder of masks: the dataset and its data module.
 
-Pairing rule. Image files have one of the extensions ``.png .jpg .jpeg .tif .tiff .bmp`` (any case). For an image
-with stem ``s`` the mask is the file in ``masks_dir`` whose stem is, trying in this order and ignoring case,
-``s``, ``s_mask``, ``s_segmentation``, ``s_seg``, ``s_gt``. Further masks named ``<mask stem>_<k>`` (BUSI's
-``benign (4)_mask_1.png``) are merged into it with a logical OR. When ``images_dir == masks_dir`` (BUSI's original
-layout), files whose stem ends in one of those suffixes (optionally followed by ``_<k>``) are masks, not images, and
-the exact-stem rule is skipped.
-
-Binarisation. Masks are read as grey level (colour masks are averaged over their colour channels); a pixel is
-foreground when it exceeds half the dtype range (``> 127.5`` for 8-bit, ``> 0.5`` for float), except that an 8-bit
-mask whose maximum is 1 is taken as already 0/1, and a palette (``P`` mode) mask is foreground where its index is
-not 0.
+The pairing and binarisation rules are those of :mod:`lomix_lightning.data.components.pairs`.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
-from lomix_lightning.data.transforms import SeededTransform
+from lomix_lightning.data.components.lists import read_list_file
+from lomix_lightning.data.components.loaders import make_loader
+from lomix_lightning.data.components.multiscale import MultiScaleCollate
+from lomix_lightning.data.components.pairs import (
+    IMAGE_EXTENSIONS,
+    MASK_SUFFIXES,
+    FolderPair,
+    load_binary_mask,
+    load_pair,
+    pair_files,
+)
+from lomix_lightning.data.components.splits import check_split_ratios, split_by_ratio
+from lomix_lightning.data.components.transforms import SeededTransform, folder_eval_transform, folder_train_transform
+from lomix_lightning.data.components.validation import check_fixed_classes, check_int
 from lomix_lightning.errors import LomixUserError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MASK_SUFFIXES",
     "FolderPair",
+    "FolderSegmentationDataModule",
     "FolderSegmentationDataset",
     "load_binary_mask",
     "pair_files",
 ]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-MASK_SUFFIXES = ("", "_mask", "_segmentation", "_seg", "_gt")
-_MASK_STEM = re.compile(r"_(mask|segmentation|seg|gt)(_\d+)?$", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class FolderPair:
-    """An image file, its mask file and any extra mask files merged into it."""
-
-    stem: str
-    image: Path
-    mask: Path
-    extra_masks: tuple[Path, ...] = field(default=())
-
-
-def _index(folder: Path) -> dict[str, list[Path]]:
-    """Lower-cased stem -> image files with that stem."""
-    out: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
-            out.setdefault(path.stem.lower(), []).append(path)
-    return out
-
-
-def pair_files(images_dir: str | Path, masks_dir: str | Path) -> list[FolderPair]:
-    """Pair every image with its mask by the rule in the module docstring.
-
-    Args:
-        images_dir: Folder of images.
-        masks_dir: Folder of masks (may be the same folder).
-
-    Returns:
-        Pairs sorted by image stem.
-
-    Raises:
-        FileNotFoundError: If a folder does not exist.
-        ValueError: If the image folder holds no image, a mask stem matches two files, or some images have no mask
-            (the message names up to five of them).
-
-    Example:
-        >>> import tempfile, os
-        >>> d = tempfile.mkdtemp()
-        >>> for name in ("a.png", "a_mask.png", "b.jpg", "b_mask.png"):
-        ...     Image.new("L", (4, 4)).save(os.path.join(d, name))
-        >>> [(p.stem, p.mask.name) for p in pair_files(d, d)]
-        [('a', 'a_mask.png'), ('b', 'b_mask.png')]
-    """
-    images_dir, masks_dir = Path(images_dir), Path(masks_dir)
-    for folder in (images_dir, masks_dir):
-        if not folder.is_dir():
-            raise FileNotFoundError(f"folder not found: {folder}")
-    same = images_dir.resolve() == masks_dir.resolve()
-    masks = _index(masks_dir)
-    images = [p for paths in _index(images_dir).values() for p in paths]
-    if same:
-        images = [p for p in images if not _MASK_STEM.search(p.stem)]
-    if not images:
-        raise LomixUserError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) found in {images_dir}")
-    pairs, unmatched = [], []
-    for image in sorted(images, key=lambda p: p.stem):
-        found = None
-        for suffix in MASK_SUFFIXES[1:] if same else MASK_SUFFIXES:
-            candidates = masks.get((image.stem + suffix).lower(), [])
-            if len(candidates) > 1:
-                raise LomixUserError(f"mask for {image} is ambiguous: {[str(c) for c in candidates]}")
-            if candidates:
-                found = candidates[0]
-                break
-        if found is None:
-            unmatched.append(image.name)
-            continue
-        extra_pattern = re.compile(re.escape(found.stem.lower()) + r"_\d+$")
-        extras = tuple(p for key, paths in masks.items() if extra_pattern.match(key) for p in paths)
-        pairs.append(FolderPair(image.stem, image, found, extras))
-    if not pairs:
-        raise LomixUserError(f"no image in {images_dir} has a matching mask in {masks_dir} (suffixes {MASK_SUFFIXES})")
-    if unmatched:
-        raise LomixUserError(f"{len(unmatched)} image(s) in {images_dir} have no mask in {masks_dir}: {unmatched[:5]}")
-    stems = [p.stem for p in pairs]
-    if len(set(stems)) != len(stems):
-        duplicated = sorted({s for s in stems if stems.count(s) > 1})
-        raise LomixUserError(f"several images share the stem(s) {duplicated[:5]} in {images_dir}")
-    return pairs
-
-
-def load_binary_mask(path: str | Path) -> np.ndarray:
-    """Read a mask file as ``uint8`` 0/1 by the binarisation rule in the module docstring.
-
-    Args:
-        path: Mask image file.
-
-    Returns:
-        ``(H, W)`` uint8 array of 0 and 1.
-
-    Example:
-        >>> import tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), "m.png")
-        >>> Image.fromarray(np.array([[0, 200], [100, 255]], np.uint8)).save(p)
-        >>> load_binary_mask(p).tolist()
-        [[0, 1], [0, 1]]
-    """
-    with Image.open(path) as img:
-        palette = img.mode == "P"
-        arr = np.asarray(img)
-    if palette:  # palette indices, not intensities
-        return (arr != 0).astype(np.uint8)
-    dtype = arr.dtype
-    if arr.ndim == 3:
-        arr = arr[..., :3].mean(axis=-1)  # colour (+ alpha) -> grey: average the colour channels
-    if dtype == np.bool_:
-        return arr.astype(np.uint8)
-    if np.issubdtype(dtype, np.integer):
-        if dtype == np.uint8 and arr.max() <= 1:
-            return (arr > 0).astype(np.uint8)
-        return (arr > np.iinfo(dtype).max / 2).astype(np.uint8)
-    return (arr > 0.5).astype(np.uint8)
-
-
-def _read(path: Path, read):
-    """``read(path)``, with an unreadable image file (corrupt, truncated, not an image) named in one line."""
-    try:
-        return read(path)
-    except (OSError, SyntaxError, ValueError) as error:  # PIL: UnidentifiedImageError, truncated data, bad header
-        raise LomixUserError(f"cannot read the image file {path}: {error}") from error
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
-
-
-def _load_pair(pair: FolderPair) -> tuple[np.ndarray, np.ndarray]:
-    image = _read(pair.image, _read_rgb)
-    mask = _read(pair.mask, load_binary_mask)
-    for extra in pair.extra_masks:
-        extra_mask = _read(extra, load_binary_mask)
-        if extra_mask.shape != mask.shape:
-            raise LomixUserError(f"mask {extra} has size {extra_mask.shape}, but {pair.mask} has {mask.shape}")
-        mask |= extra_mask
-    if image.shape[:2] != mask.shape:
-        raise LomixUserError(f"image {pair.image} has size {image.shape[:2]} but its mask {pair.mask} has {mask.shape}")
-    return image, mask
 
 
 class FolderSegmentationDataset(Dataset):
@@ -192,7 +53,8 @@ class FolderSegmentationDataset(Dataset):
 
     Example:
         >>> import tempfile, os
-        >>> from lomix_lightning.data.transforms import folder_eval_transform
+        >>> from PIL import Image
+        >>> from lomix_lightning.data.components.transforms import folder_eval_transform
         >>> d = tempfile.mkdtemp()
         >>> Image.new("RGB", (10, 8)).save(os.path.join(d, "x.jpg"))
         >>> Image.new("L", (10, 8), 255).save(os.path.join(d, "x_mask.png"))
@@ -209,10 +71,142 @@ class FolderSegmentationDataset(Dataset):
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        image, mask = _load_pair(self.pairs[index])
+        image, mask = load_pair(self.pairs[index])
         image, mask = self.transform(image, mask)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), dtype=np.float32)),  # HWC->CHW
             "mask": torch.from_numpy(mask.astype(np.int64)),
             "name": self.pairs[index].stem,
         }
+
+
+class FolderSegmentationDataModule(pl.LightningDataModule):
+    """Binary segmentation (one logit channel) from image/mask folders, for the ``structure`` loss.
+
+    Pairing and binarisation follow :mod:`lomix_lightning.data.components.pairs`. The train/val/test split is a seeded
+    ``splits`` ratio split of the sorted image stems, or, with ``split_files``, the stems listed in
+    ``train.txt``/``val.txt``/``test.txt`` there. Training images get the rotation/flip augmentation (when
+    ``augment``), then each *batch* is resized to one of ``round(img_size * scale / 32) * 32`` for a random
+    ``scale`` in ``multiscale``. Validation and test images are resized to ``img_size`` only, so their masks are
+    evaluated at ``img_size`` resolution. Images are ImageNet-normalised; masks are int64 0/1.
+
+    Args:
+        images_dir: Folder of images.
+        masks_dir: Folder of masks (may equal ``images_dir``).
+        img_size: Base side length.
+        splits: ``(train, val, test)`` ratios summing to 1.
+        split_files: Folder with ``train.txt``, ``val.txt``, ``test.txt`` of image stems (overrides ``splits``).
+        seed: Seed of the split, the augmentation, the scale choice and the shuffle.
+        multiscale: Training scales; ``[1.0]`` for single-scale training.
+        augment: Random rotation (+-90 degrees) and horizontal/vertical flips for training.
+        batch_size: Batch size.
+        num_workers: DataLoader workers.
+        class_name: Name of the foreground class (``class_names == [class_name]``).
+        num_classes: Always 1 (one foreground logit channel, for the ``structure`` loss). It is a parameter so
+            that the CLI's link from ``--model.num_classes`` is checked when the command line is parsed.
+
+    Raises:
+        ValueError: On bad arguments; in ``setup``, on an empty folder, images without masks, an unknown stem in a
+            split file, or a stem listed twice.
+
+    Example:
+        >>> dm = FolderSegmentationDataModule("data/Kvasir/images", "data/Kvasir/masks")
+        >>> dm.num_classes, dm.in_channels, dm.class_names
+        (1, 3, ['foreground'])
+    """
+
+    def __init__(
+        self,
+        images_dir: str,
+        masks_dir: str,
+        img_size: int = 352,
+        splits: tuple[float, float, float] = (0.8, 0.1, 0.1),
+        split_files: str | None = None,
+        seed: int = 42,
+        multiscale: Sequence[float] = (0.75, 1.0, 1.25),
+        augment: bool = True,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        class_name: str = "foreground",
+        num_classes: Literal[1] = 1,
+    ) -> None:
+        super().__init__()
+        check_fixed_classes(type(self).__name__, num_classes, 1, ("one foreground logit channel",))
+        check_int("img_size", img_size, minimum=32)
+        check_int("batch_size", batch_size, minimum=1)
+        check_int("seed", seed, minimum=0)
+        check_int("num_workers", num_workers, minimum=0)
+        check_split_ratios(splits)
+        self.collate = MultiScaleCollate(img_size, multiscale, seed)  # validates the scales
+        self.save_hyperparameters()
+        self.images_dir, self.masks_dir = Path(images_dir), Path(masks_dir)
+        self.split_files = None if split_files is None else Path(split_files)
+        self.img_size, self.splits, self.seed, self.augment = img_size, tuple(splits), seed, augment
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.num_classes, self.in_channels, self.class_names = num_classes, 3, [class_name]
+        self.split_stems: dict[str, list[str]] = {}
+        self.train_set: FolderSegmentationDataset | None = None
+        self.val_set: FolderSegmentationDataset | None = None
+        self.test_set: FolderSegmentationDataset | None = None
+
+    def _split(self, pairs: list[FolderPair]) -> dict[str, list[str]]:
+        stems = [p.stem for p in pairs]
+        if self.split_files is None:
+            train, val, test = split_by_ratio(stems, self.splits, self.seed)
+            return {"train": train, "val": val, "test": test}
+        known, seen, out = set(stems), {}, {}
+        for split in ("train", "val", "test"):
+            list_file = self.split_files / f"{split}.txt"
+            entries = read_list_file(list_file)
+            unknown = [s for s in entries if s not in known]
+            if unknown:
+                raise LomixUserError(
+                    f"{list_file}: {len(unknown)} stem(s) without an image/mask pair, e.g. {unknown[:5]}"
+                )
+            twice = [s for s in entries if s in seen]
+            if twice:
+                raise LomixUserError(f"{list_file}: stem(s) {twice[:5]} already listed in {seen[twice[0]]}")
+            seen.update(dict.fromkeys(entries, list_file))
+            out[split] = entries
+        return out
+
+    def setup(self, stage: str | None = None) -> None:
+        """Pair the files, split them and build the datasets."""
+        pairs = pair_files(self.images_dir, self.masks_dir)
+        self.split_stems = self._split(pairs)
+        by_stem = {p.stem: p for p in pairs}
+
+        def dataset(split: str, transform: SeededTransform) -> FolderSegmentationDataset:
+            return FolderSegmentationDataset([by_stem[s] for s in self.split_stems[split]], transform)
+
+        train_tf = SeededTransform(folder_train_transform(self.img_size, self.augment), self.seed)
+        eval_tf = SeededTransform(folder_eval_transform(self.img_size), self.seed)
+        self.train_set = dataset("train", train_tf)
+        self.val_set = dataset("val", eval_tf)
+        self.test_set = dataset("test", eval_tf)
+
+    def _loader(self, split: str) -> DataLoader:
+        if self.train_set is None:
+            self.setup()
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[split]
+        if len(dataset) == 0:
+            raise LomixUserError(f"the {split} split is empty (splits={self.splits}, split_files={self.split_files})")
+        if split == "train":
+            return make_loader(dataset, self.batch_size, self.num_workers, True, self.seed, collate_fn=self.collate)
+        return make_loader(dataset, self.batch_size, self.num_workers, shuffle=False)
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented, multi-scale training batches."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation images at ``img_size``."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Test images at ``img_size``."""
+        return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test images."""
+        return self._loader("test")

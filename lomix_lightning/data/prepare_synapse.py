@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from lomix_lightning.data.components.validation import check_label_range
 from lomix_lightning.errors import LomixMissingDependencyError, LomixUserError
 
 __all__ = ["TRANSUNET_TEST_CASES", "TRANSUNET_TRAIN_CASES", "find_raw_cases", "prepare_synapse"]
@@ -81,10 +82,7 @@ def _load_case(image_path: Path, label_path: Path, hu_min: float, hu_max: float,
     label = np.asarray(label_nii.get_fdata(), dtype=np.float64)
     if image.ndim != 3 or image.shape != label.shape:
         raise LomixUserError(f"{image_path} has shape {image.shape} but {label_path} has {label.shape}")
-    if label.min() < 0 or label.max() > 13 or not np.array_equal(label, np.round(label)):
-        raise LomixUserError(
-            f"{label_path}: labels must be integer ids in [0, 13], found [{label.min()}, {label.max()}]"
-        )
+    check_label_range(label, 14, label_path)  # the 13 organs of the raw BTCV labels and background
     image = (np.clip(image, hu_min, hu_max) - hu_min) / (hu_max - hu_min)
     zooms = np.asarray(image_nii.header.get_zooms()[:3], dtype=np.float32)
     # (x, y, z) -> (z, x, y), as the reference preprocessing.

@@ -26,13 +26,14 @@ from typing import Literal
 
 import numpy as np
 
-from lomix_lightning.data._common import check_fraction, check_int, read_list_file, unique_in_order
-from lomix_lightning.data._io import load_arrays
-from lomix_lightning.data._medical import SliceVolumeDataModule
-from lomix_lightning.data.slices import SliceDataset
-from lomix_lightning.data.splits import select_cases
-from lomix_lightning.data.transforms import SeededTransform, medical_eval_transform, medical_train_transform
-from lomix_lightning.data.volumes import VolumeDataset
+from lomix_lightning.data.components.arrays import load_arrays
+from lomix_lightning.data.components.lists import read_list_file, unique_in_order
+from lomix_lightning.data.components.medical import SliceVolumeDataModule
+from lomix_lightning.data.components.slices import SliceDataset
+from lomix_lightning.data.components.splits import select_cases
+from lomix_lightning.data.components.transforms import SeededTransform, medical_eval_transform, medical_train_transform
+from lomix_lightning.data.components.validation import check_fraction, check_int
+from lomix_lightning.data.components.volumes import VolumeDataset
 from lomix_lightning.errors import LomixUserError
 
 __all__ = ["SYNAPSE_14_TO_9", "SynapseDataModule", "synapse_class_names"]
@@ -98,7 +99,7 @@ class SynapseDataModule(SliceVolumeDataModule):
     """Synapse slices for training/validation and whole CT volumes for testing.
 
     * Train: slices of the training cases, with the reference augmentation
-      (:func:`~lomix_lightning.data.transforms.medical_train_transform`) and a resize to ``img_size``.
+      (:func:`~lomix_lightning.data.components.transforms.medical_train_transform`) and a resize to ``img_size``.
     * Validation: slices of ``val_cases`` (held-out *training* cases), resized only. Never the test volumes.
       ``val_cases=[]`` disables validation (the loader is empty).
     * Test and predict: the ``test_vol.txt`` volumes, one per item at original resolution (``batch_size=1``).

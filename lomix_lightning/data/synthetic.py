@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lomix_lightning.data._common import check_int, make_loader
+from lomix_lightning.data.components.loaders import make_loader
+from lomix_lightning.data.components.validation import check_int
 from lomix_lightning.errors import LomixUserError
 
 __all__ = ["SyntheticShapesDataModule", "SyntheticShapesDataset", "make_shapes_sample"]

@@ -2,12 +2,11 @@
 
 from lomix_lightning.metrics.hd95 import hd95, surface_distances
 from lomix_lightning.metrics.per_class import EmptyRule, binary_case_metrics, per_class_metrics
-from lomix_lightning.metrics.summary import aggregate_cases, metrics_table, print_metrics_table
+from lomix_lightning.metrics.summary import metrics_table, print_metrics_table
 from lomix_lightning.metrics.volume import evaluate_volume, predict_volume
 
 __all__ = [
     "EmptyRule",
-    "aggregate_cases",
     "binary_case_metrics",
     "evaluate_volume",
     "hd95",

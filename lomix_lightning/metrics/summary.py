@@ -1,4 +1,4 @@
-"""Aggregate per-case metrics (mean over cases per class) and show them as a rich table."""
+"""Show per-class metrics (mean over cases, see :class:`~lomix_lightning.metrics.scores.CaseScores`) as a rich table."""
 
 from __future__ import annotations
 
@@ -9,46 +9,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-__all__ = ["aggregate_cases", "metrics_table", "print_metrics_table"]
+__all__ = ["metrics_table", "print_metrics_table"]
 
 _METRICS = ("dice", "hd95", "iou")
-
-
-def aggregate_cases(cases: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Mean over cases, per class, of each metric (``nanmean``: NaN entries from the ``"nan"`` rule are skipped).
-
-    This is the paper protocol: per-organ values are averaged over the test volumes; the overall score is then the
-    mean over organs (see :func:`metrics_table`).
-
-    Args:
-        cases: One ``{"dice", "hd95", "iou"}`` dict of per-class arrays per case.
-
-    Returns:
-        ``{"dice", "hd95", "iou"}`` float64 arrays over classes (NaN where a class is NaN in every case).
-
-    Raises:
-        ValueError: If ``cases`` is empty or the arrays disagree in length or keys.
-
-    Example:
-        >>> a = {"dice": np.array([1.0, 0.5]), "hd95": np.array([0.0, 2.0]), "iou": np.array([1.0, 1 / 3])}
-        >>> b = {"dice": np.array([0.5, np.nan]), "hd95": np.array([4.0, np.nan]), "iou": np.array([1 / 3, np.nan])}
-        >>> aggregate_cases([a, b])["dice"].tolist()
-        [0.75, 0.5]
-    """
-    if not cases:
-        raise ValueError("`cases` is empty")
-    keys = set(cases[0])
-    if not set(_METRICS) <= keys or any(set(c) != keys for c in cases):
-        raise ValueError(
-            f"every case needs the keys {list(_METRICS)} (and the same keys), got {[sorted(c) for c in cases]}"
-        )
-    out = {}
-    for key in sorted(keys):
-        stacked = np.stack([np.asarray(c[key], dtype=np.float64) for c in cases])  # (cases, classes)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN column -> NaN, on purpose
-            out[key] = np.nanmean(stacked, axis=0)
-    return out
 
 
 def metrics_table(
@@ -57,7 +20,8 @@ def metrics_table(
     """A rich table with one row per class (Dice %, HD95, IoU %) and a final mean-over-classes row.
 
     Args:
-        summary: From :func:`aggregate_cases` (or one case's :func:`per_class_metrics`).
+        summary: Per-class arrays, e.g. from :meth:`~lomix_lightning.metrics.scores.CaseScores.compute` (or one
+            case's :func:`per_class_metrics`).
         class_names: One name per scored class (e.g. ``datamodule.class_names[1:]``).
         title: Table title.
 
@@ -102,7 +66,7 @@ def print_metrics_table(
     """Print :func:`metrics_table` to ``console`` (default: a new stdout console) and return the table.
 
     Args:
-        summary: From :func:`aggregate_cases`.
+        summary: From :meth:`CaseScores.compute <lomix_lightning.metrics.scores.CaseScores.compute>`.
         class_names: One name per scored class.
         title: Table title.
         console: Where to print.

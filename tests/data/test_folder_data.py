@@ -12,7 +12,7 @@ from lomix_lightning.data import (
     pair_files,
     scaled_size,
 )
-from lomix_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from lomix_lightning.data.components.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 H, W = 40, 50
 

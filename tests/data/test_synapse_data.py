@@ -13,7 +13,7 @@ from lomix_lightning.data import (
     SynapseDataModule,
     medical_train_transform,
 )
-from lomix_lightning.data._common import make_loader
+from lomix_lightning.data.components.loaders import make_loader
 
 CASES = ["case0005", "case0006", "case0007", "case0009", "case0010"]
 

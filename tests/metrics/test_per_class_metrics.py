@@ -8,12 +8,12 @@ from rich.console import Console
 from scipy.spatial.distance import cdist
 
 from lomix_lightning.metrics import (
-    aggregate_cases,
     binary_case_metrics,
     metrics_table,
     per_class_metrics,
     print_metrics_table,
 )
+from lomix_lightning.metrics.scores import CaseScores
 
 
 def brute_hd95(a, b, spacing):
@@ -109,18 +109,18 @@ def test_per_class_errors():
         per_class_metrics(np.zeros((2, 2)), np.zeros((2, 2)), 1)
 
 
-def test_aggregate_mean_over_cases_per_class():
+def test_case_scores_mean_over_cases_per_class():
     c1 = {"dice": np.array([1.0, 0.2]), "hd95": np.array([0.0, 10.0]), "iou": np.array([1.0, 0.1])}
     c2 = {"dice": np.array([0.5, np.nan]), "hd95": np.array([4.0, np.nan]), "iou": np.array([0.4, np.nan])}
     c3 = {"dice": np.array([0.0, 0.4]), "hd95": np.array([2.0, 20.0]), "iou": np.array([0.0, 0.3])}
-    out = aggregate_cases([c1, c2, c3])
+    scores = CaseScores(num_scored=2)
+    for case in (c1, c2, c3):
+        scores.update(case)
+    out = scores.compute()
     np.testing.assert_allclose(out["dice"], [0.5, 0.3])
     np.testing.assert_allclose(out["hd95"], [2.0, 15.0])
     np.testing.assert_allclose(out["iou"], [1.4 / 3, 0.2])
-    with pytest.raises(ValueError, match="empty"):
-        aggregate_cases([])
-    with pytest.raises(ValueError, match="keys"):
-        aggregate_cases([{"dice": np.zeros(2)}])
+    assert int(out["cases"]) == 3
 
 
 def test_table_rows_and_mean():

@@ -8,7 +8,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from lomix_lightning.data._common import check_label_range
+from lomix_lightning.data.components.validation import check_label_range
 from lomix_lightning.errors import LomixUserError
 
 __all__ = ["load_arrays", "map_labels", "optional_array"]

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lomix_lightning.data._io import load_arrays, map_labels, optional_array
+from lomix_lightning.data.components.arrays import load_arrays, map_labels, optional_array
 from lomix_lightning.errors import LomixUserError
 
 __all__ = ["VolumeDataset"]

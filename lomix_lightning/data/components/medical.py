@@ -5,9 +5,9 @@ from __future__ import annotations
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-from lomix_lightning.data._common import make_loader
-from lomix_lightning.data.slices import SliceDataset
-from lomix_lightning.data.volumes import VolumeDataset
+from lomix_lightning.data.components.loaders import make_loader
+from lomix_lightning.data.components.slices import SliceDataset
+from lomix_lightning.data.components.volumes import VolumeDataset
 
 
 class SliceVolumeDataModule(pl.LightningDataModule):

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lomix_lightning.data._io import load_arrays, map_labels
-from lomix_lightning.data.transforms import SeededTransform
+from lomix_lightning.data.components.arrays import load_arrays, map_labels
+from lomix_lightning.data.components.transforms import SeededTransform
 from lomix_lightning.errors import LomixUserError
 
 __all__ = ["SliceDataset"]
@@ -36,7 +36,7 @@ class SliceDataset(Dataset):
 
     Example:
         >>> import tempfile, os
-        >>> from lomix_lightning.data.transforms import medical_eval_transform
+        >>> from lomix_lightning.data.components.transforms import medical_eval_transform
         >>> d = tempfile.mkdtemp()
         >>> np.savez(os.path.join(d, "s.npz"), image=np.zeros((8, 8)), label=np.eye(8))
         >>> ds = SliceDataset([os.path.join(d, "s.npz")], 2, SeededTransform(medical_eval_transform(16), 0))

@@ -16,6 +16,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+__all__ = ["EXIT_CODES", "InterruptCheckpoint", "InterruptRecord"]
+
 EXIT_CODES = {"SIGINT": 128 + signal.SIGINT, "SIGTERM": 128 + signal.SIGTERM}
 """Exit status of an interrupted ``lomix`` run, as a shell reports a process killed by the signal."""
 
