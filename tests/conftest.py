@@ -26,3 +26,12 @@ def loss_engine(request, monkeypatch, device) -> str:
         pytest.skip("the compiled kernels run on the CPU and need a C compiler")
     monkeypatch.setenv("LOMIX_NATIVE", "1" if request.param == "native" else "0")
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core runner two threads per process spin against other processes."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -115,12 +115,9 @@ PARAMS = [
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core runner two threads per process spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread_and_own_wandb_run(one_thread):
+    """One intra-op thread (see tests/conftest.py), and no W&B run left behind for the next journey."""
     yield
-    torch.set_num_threads(threads)
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:  # in-process, the next WandbLogger would reuse this run
         wandb.finish()

@@ -21,14 +21,7 @@ from lomix_lightning.data import SyntheticShapesDataModule
 from lomix_lightning.models import UNet
 from lomix_lightning.mutation import CombinatorialMutation
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core runner two threads per process spin against other processes."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------- helpers used by class_path from the CLI
