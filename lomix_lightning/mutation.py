@@ -98,6 +98,8 @@ class CombinatorialMutation(nn.Module):
         if "mul" in self.operators:
             self.register_buffer("_mul_index", self.plan.index_table(), persistent=False)
             self.register_buffer("_mul_incidence", self.plan.member_incidence(), persistent=False)
+        self.register_buffer("_dense_gather", self._dense_gather_index(), persistent=False)
+        self.register_buffer("_dense_fill", torch.tensor([0.0, float("-inf")]), persistent=False)
 
     def _block_index(self, rows_per_subset: list[int], num_in: int) -> Tensor:
         """Flat positions in a dense ``(sum(rows), L*C)`` weight of each subset's ``(rows, |S|*C)`` weight."""
@@ -121,6 +123,55 @@ class CombinatorialMutation(nn.Module):
                     start = (k * num_maps + i) * num_in + m * c
                     index.extend(range(start, start + c))
         return torch.tensor(index, dtype=torch.long)
+
+    @property
+    def dense_operators(self) -> tuple[str, ...]:
+        """The enabled operators with convolutions (``cat``/``awf``), in :attr:`operators` order."""
+        return tuple(op for op in self.operators if op in ("cat", "awf"))
+
+    def _dense_gather_index(self) -> Tensor:
+        """Per element of :meth:`dense_block`, its position in the source ``[packed parameters..., 0, -inf]``."""
+        num_in = self.num_outputs * self.num_classes
+        sources, dense = 0, []  # (packed weight positions, packed bias positions, rows, weight index, bias rows)
+        for op in self.dense_operators:
+            index = self._cat_index if op == "cat" else self._awf_index
+            rows = len(self.subsets) * (self.num_classes if op == "cat" else self.num_outputs)
+            bias_rows = torch.arange(rows) if op == "cat" else self._awf_rows
+            dense.append((sources, sources + index.numel(), rows, index, bias_rows))
+            sources += index.numel() + bias_rows.numel()
+        zero, minus_inf = sources, sources + 1  # the two fill values after the parameters
+        parts = []
+        for weight_start, bias_start, rows, index, bias_rows in dense:
+            weight = torch.full((rows * num_in,), zero, dtype=torch.long)
+            weight[index] = torch.arange(weight_start, weight_start + index.numel())
+            bias = torch.full((rows,), zero if bias_rows.numel() == rows else minus_inf, dtype=torch.long)
+            bias[bias_rows] = torch.arange(bias_start, bias_start + bias_rows.numel())
+            parts += [weight, bias]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def dense_block(self, dtype: torch.dtype) -> Tensor | None:
+        """Every :meth:`dense_parameters` weight and bias of :attr:`dense_operators` in one flat tensor.
+
+        Built by one concatenation and one gather (differentiable); ``None`` without ``cat``/``awf``. Per operator
+        in order: its ``(rows, L*C)`` dense weight, then its ``(rows,)`` dense bias.
+
+        Example:
+            >>> cmm = CombinatorialMutation(2, 2, ["cat", "awf"])
+            >>> block, parts = cmm.dense_block(torch.float32), []
+            >>> for op in cmm.dense_operators:
+            ...     parts += [p.reshape(-1) for p in cmm.dense_parameters(op, torch.float32)]
+            >>> torch.equal(block, torch.cat(parts))
+            True
+        """
+        if not self.dense_operators:
+            return None
+        parts = []
+        for op in self.dense_operators:
+            convs = self.cat if op == "cat" else self.awf
+            parts += [conv.weight.reshape(-1) for conv in convs.values()]
+            parts += [conv.bias for conv in convs.values()]
+        source = torch.cat([*parts, self._dense_fill.to(parts[0].dtype)]).to(dtype)
+        return source.index_select(0, self._dense_gather)
 
     def dense_parameters(self, op: str, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
         """The per-subset 1x1 convolutions of ``cat``/``awf`` as one block-sparse ``(rows, L*C)`` weight and a bias.

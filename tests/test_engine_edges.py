@@ -38,3 +38,28 @@ def test_an_empty_batch_is_refused_by_both_engines_alike(loss_engine, device, sc
 def test_a_target_that_is_not_a_tensor_is_a_type_error():
     with pytest.raises(TypeError, match="target must be a Tensor of class indices, got list"):
         LoMixLoss(2, 3)([torch.randn(1, 3, 4, 4), torch.randn(1, 3, 8, 8)], [[0]])
+
+
+@pytest.mark.parametrize("operators", [["cat", "awf"], ["awf"], ["mul", "cat"]])
+def test_pytorch_engine_gradients_of_the_dense_block_match_autograd_in_chunks(monkeypatch, operators):
+    """One block for the cat/awf convolutions, chunk 0 writing the gradients, later chunks adding, an operator left
+    unscored getting zero gradients: all against plain autograd through ``fuse`` and ``ce_dice_stats``."""
+    from lomix_lightning import CombinatorialMutation
+    from lomix_lightning.losses import engine
+    from lomix_lightning.losses.ce_dice import ce_dice_stats, ce_dice_target
+
+    monkeypatch.setenv("LOMIX_NATIVE", "0")
+    monkeypatch.setattr(engine, "_CHUNK_BYTES", 1)  # one image per chunk: three chunks
+    torch.manual_seed(0)
+    mutation = CombinatorialMutation(3, 4, ["mul", "cat", "awf"])
+    x = torch.randn(3, 3, 4, 5, 5, requires_grad=True)
+    prepared = ce_dice_target(torch.randint(0, 4, (3, 5, 5)), 4, torch.float32)
+    weights = torch.randn(3 + 4 * len(operators), 9)
+    got = engine.lomix_ce_dice_stats(x, operators, mutation, prepared)
+    got_grads = torch.autograd.grad((got * weights).sum(), [x, *mutation.parameters()], allow_unused=True)
+    groups = [x] + [mutation.fuse(op, x) for op in operators]
+    want = torch.cat([ce_dice_stats(g, prepared) for g in groups])
+    want_grads = torch.autograd.grad((want * weights).sum(), [x, *mutation.parameters()], allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, torch.zeros_like(g) if w is None else w, rtol=1e-4, atol=1e-5)

@@ -68,6 +68,7 @@ def lomix_ce_dice_stats(
         layouts = _kernel_layouts(mutation.plan.subsets, stacked.shape[1], stacked.shape[2], groups)
         params = [p for op in operators for p in mutation.packed_parameters(op, stacked.dtype)]
         plan = _EnginePlan(groups, mutation.plan, prepared, stacked.shape[0], (False,) * len(groups), layouts)
+        block = None
     else:
         keep = tuple(not memory_efficient and op in _KEPT for op in groups)
         passes = _passes(stacked, groups, len(mutation.subsets), memory_efficient)
@@ -75,9 +76,56 @@ def lomix_ce_dice_stats(
             sum(stacked.shape[1] if groups[g] == "original" else len(mutation.subsets) for g in p) for p in passes
         )
         chunk = _chunk_size(stacked, width, memory_efficient)
-        params = [p for op in operators for p in mutation.dense_parameters(op, stacked.dtype)]
-        plan = _EnginePlan(groups, mutation.plan, prepared, chunk, keep, passes=passes)
-    return _LoMixStats.apply(plan, stacked.contiguous(), *params)
+        dense = _dense_slices(mutation, groups)  # cat/awf: views of one block, built by two operators
+        block = mutation.dense_block(stacked.dtype) if any(g is not None for g, *_ in dense) else None
+        params = [
+            p
+            for op in operators
+            for p in ((None, None) if op in _DENSE else mutation.dense_parameters(op, stacked.dtype))
+        ]
+        plan = _EnginePlan(groups, mutation.plan, prepared, chunk, keep, passes=passes, dense=dense)
+    return _LoMixStats.apply(plan, stacked.contiguous(), block, *params)
+
+
+_DENSE = ("cat", "awf")
+
+
+def _dense_slices(
+    mutation: CombinatorialMutation, groups: Sequence[str]
+) -> tuple[tuple[int | None, int, int, int], ...]:
+    """Per operator of :meth:`CombinatorialMutation.dense_block`: ``(group or None, start, rows, L*C)``.
+
+    The operator's ``(rows, L*C)`` dense weight starts at ``start`` in the block, its ``(rows,)`` bias follows.
+    """
+    num_in, start, slices = mutation.num_outputs * mutation.num_classes, 0, []
+    for op in mutation.dense_operators:
+        rows = len(mutation.subsets) * (mutation.num_classes if op == "cat" else mutation.num_outputs)
+        slices.append((groups.index(op) if op in groups else None, start, rows, num_in))
+        start += rows * (num_in + 1)
+    return tuple(slices)
+
+
+def _with_dense(plan: _EnginePlan, block: Tensor | None, params: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """``params`` with the ``cat``/``awf`` slots filled by their views of the dense block."""
+    params = list(params)
+    for g, start, rows, num_in in plan.dense:
+        if g is not None:
+            weight = block[start : start + rows * num_in].view(rows, num_in)  # (rows, L*C)
+            params[2 * g - 2 : 2 * g] = [weight, block[start + rows * num_in : start + rows * (num_in + 1)]]
+    return params
+
+
+def _dense_grad(plan: _EnginePlan, grad_params: Sequence[Tensor | None], like: Tensor) -> Tensor | None:
+    """The gradient of the dense block from its operators' weight and bias gradients (one concatenation)."""
+    parts = []
+    for g, _, rows, num_in in plan.dense:
+        if g is None:  # an operator this call does not score
+            parts.append(like.new_zeros(rows * (num_in + 1)))
+        elif grad_params[2 * g - 2] is None:
+            return None
+        else:
+            parts += [grad_params[2 * g - 2].reshape(-1), grad_params[2 * g - 1]]
+    return torch.cat(parts)
 
 
 @functools.lru_cache(maxsize=64)
@@ -117,6 +165,7 @@ class _EnginePlan:
     keep: tuple[bool, ...]
     native: tuple[GroupLayout, ...] | None = None
     passes: tuple[tuple[int, ...], ...] = ()
+    dense: tuple[tuple[int | None, int, int, int], ...] = ()
 
 
 class _LoMixStats(torch.autograd.Function):
@@ -129,11 +178,12 @@ class _LoMixStats(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, plan, stacked, *params):  # noqa: D102
+    def forward(ctx, plan, stacked, block, *params):  # noqa: D102
         ctx.plan, ctx.num_params = plan, len(params)
         if plan.native:
             ctx.save_for_backward(stacked, *params)
             return _native_forward(plan, stacked, params)
+        params = _with_dense(plan, block, params)
         batch, num_maps, c, h, w = stacked.shape
         widths = [num_maps if op == "original" else len(plan.subsets.subsets) for op in plan.groups]
         kept, kept_fused = [], []  # per pass: its softmax and (with mul) its maps, if kept
@@ -170,7 +220,8 @@ class _LoMixStats(torch.autograd.Function):
         plan, (stacked, *rest) = ctx.plan, ctx.saved_tensors
         params, rest = rest[: ctx.num_params], rest[ctx.num_params :]
         if plan.native:
-            return None, *_native_backward(plan, grad, stacked, params)
+            grad_stacked, *grad_params = _native_backward(plan, grad, stacked, params)
+            return None, grad_stacked, None, *grad_params
         num_passes = len(plan.passes)
         kept, kept_fused, saved = rest[:num_passes], rest[num_passes : 2 * num_passes], rest[2 * num_passes :]
         with_extra = [
@@ -178,9 +229,10 @@ class _LoMixStats(torch.autograd.Function):
             for g, op in enumerate(plan.groups)
             if op == "awf" and all(plan.keep[m] for p in plan.passes if g in p for m in p)
         ]
-        first_alone = plan.passes[0] == (0,)  # the original group alone first writes every element
-        grad_stacked = torch.empty_like(stacked) if first_alone else torch.zeros_like(stacked)
-        grad_params = [None if p is None or not p.requires_grad else torch.zeros_like(p) for p in params]
+        grad_stacked = torch.empty_like(stacked)  # the original group, first, writes every element
+        dense_slots = {i for g, *_ in plan.dense if g is not None for i in (2 * g - 2, 2 * g - 1)}
+        wanted = ctx.needs_input_grad[2]  # the other slots hold constant tables (add, mul): no gradient
+        grad_params = [p if wanted and i in dense_slots else None for i, p in enumerate(params)]  # chunk 0 replaces
         with full_precision(stacked.device):
             for c, start in enumerate(range(0, stacked.shape[0], plan.chunk)):
                 end = start + plan.chunk
@@ -203,8 +255,10 @@ class _LoMixStats(torch.autograd.Function):
                     [None if t is None else t[start:end] for t in kept_fused],
                     extras,
                     _workspace,
+                    first=c == 0,
                 )
-        return None, grad_stacked, *grad_params
+        grad_block = _dense_grad(plan, grad_params, stacked) if ctx.needs_input_grad[2] else None
+        return None, grad_stacked, grad_block, *[None if i in dense_slots else gp for i, gp in enumerate(grad_params)]
 
 
 def _native_specs(plan: _EnginePlan, params: Sequence[Tensor | None]) -> list[GroupSpec]:

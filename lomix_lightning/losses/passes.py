@@ -116,8 +116,14 @@ def backward_passes(
     kept_fused: Sequence[Tensor | None],
     extras: Sequence[Tensor | None],
     workspace: Workspace,
+    first: bool = False,
 ) -> None:
-    """Accumulate into ``grad_x`` (written if the first pass is the original group alone) and ``grad_params``."""
+    """Write ``grad_x`` and accumulate into ``grad_params`` (or, with ``first``, replace its placeholders).
+
+    With ``first`` (the first chunk) the non-``None`` entries of ``grad_params`` are placeholders, replaced by new
+    tensors. The original group, at the head of the first pass, writes every element of ``grad_x``; the operators
+    add to it.
+    """
     b, num_maps, c, h, w = x.shape
     k, row = len(subsets.subsets), 0
     for n, members in enumerate(passes):
@@ -141,8 +147,10 @@ def backward_passes(
             start += size
             if op == "original":
                 if out is not grad_x:
-                    grad_x.add_(grad_part)
+                    grad_x.copy_(grad_part)
                 continue
             weight, bias = params[2 * g - 2], params[2 * g - 1]
-            fuse_backward(op, x, part, aux, grad_part, grad_x, subsets, weight, grad_params[2 * g - 2 : 2 * g], bias)
+            grads = grad_params[2 * g - 2 : 2 * g]
+            fuse_backward(op, x, part, aux, grad_part, grad_x, subsets, weight, grads, bias, accumulate=not first)
+            grad_params[2 * g - 2 : 2 * g] = grads  # with ``first``, the new tensors
         del fused, p, out, part, grad_part, extra  # free this pass's buffers before the next pass allocates its own

@@ -60,10 +60,11 @@ def fuse_forward(
         return None
     if op == "mul":
         _, _, last, prefix = _tables(weight, plan)
+        _into(outs, torch.index_select, xs, 1, last)  # every subset's last member at once
         previous = xs
-        for block in plan.blocks:  # F_S = F_{S[:-1]} * x_{S[-1]}, the prefixes in the previous size's block
+        for block in plan.blocks:  # F_S = x_{S[-1]} * F_{S[:-1]}, the prefixes in the previous size's block
             k = slice(block.first, block.first + block.count)
-            _into(outs[:, k], torch.mul, previous.index_select(1, prefix[k]), xs.index_select(1, last[k]))
+            outs[:, k].mul_(previous.index_select(1, prefix[k]))
             previous = outs[:, k]
         return None
     if op == "cat":
@@ -94,6 +95,7 @@ def fuse_backward(
     weight: Tensor | None,
     grad_params: list[Tensor] | None,
     bias: Tensor | None = None,
+    accumulate: bool = True,
 ) -> None:
     """Accumulate the gradient of one operator's mutants into ``grad_x`` and ``grad_params``, no autograd.
 
@@ -108,6 +110,7 @@ def fuse_backward(
         weight: As in :func:`fuse_forward`.
         grad_params: ``[grad weight, grad bias]`` accumulated in place (``cat``/``awf``; ``None`` to skip).
         bias: As in :func:`fuse_forward` (read by ``mul`` only).
+        accumulate: Add to ``grad_params`` (else replace its non-``None`` entries, placeholders, by new tensors).
     """
     b, num_maps, c, h, w = x.shape
     xs, gx, gs = x.view(b, num_maps, c, h * w), grad_x.view(b, num_maps, c, h * w), grad.view(b, -1, c, h * w)
@@ -141,14 +144,14 @@ def fuse_backward(
             d_attention = _awf_backward(xs, attention, gs, gx)
         scores_grad = torch._softmax_backward_data(d_attention, attention, 2, attention.dtype)
         scores_grad = scores_grad.view(b, -1, h * w)  # (b, K*L, HW); 0 on non-members
-    linear_backward(x, weight, scores_grad, grad_x, grad_params)
+    linear_backward(x, weight, scores_grad, grad_x, grad_params, accumulate)
 
 
 def _awf_backward(xs: Tensor, attention: Tensor, gs: Tensor, gx: Tensor) -> Tensor:
     """Awf backward through the members, per map: accumulate ``gx``, return ``d attention`` ``(b, K, L, HW)``."""
     d_attention = torch.empty_like(attention)
     for i in range(xs.shape[1]):  # d a_{S,i} = <grad_S, x_i> (also off the members: the softmax zeroes those)
-        gx[:, i] += (gs * attention[:, :, i, None]).sum(dim=1)
+        gx[:, i].add_((gs * attention[:, :, i, None]).sum(dim=1))  # not ``+=``: that copies the view back
         _into(d_attention[:, :, i], torch.sum, gs * xs[:, None, i], dim=2)
     return d_attention
 
@@ -195,18 +198,28 @@ def linear_scores(x: Tensor, weight: Tensor, bias: Tensor, out: Tensor | None = 
 
 
 def linear_backward(
-    x: Tensor, weight: Tensor, scores_grad: Tensor, grad_x: Tensor, grad_params: list[Tensor] | None
+    x: Tensor,
+    weight: Tensor,
+    scores_grad: Tensor,
+    grad_x: Tensor,
+    grad_params: list[Tensor] | None,
+    accumulate: bool = True,
 ) -> None:
     """Backward of :func:`linear_scores` for ``scores_grad`` ``(b, rows, H*W)``, accumulated in place.
 
-    ``grad_x`` is ``(b, L, C, H, W)``; ``grad_params`` is ``[grad weight, grad bias]`` (skipped if ``None``).
+    ``grad_x`` is ``(b, L, C, H, W)``; ``grad_params`` is ``[grad weight, grad bias]`` (skipped if ``None``), added
+    to if ``accumulate``, else its entries are replaced by new tensors.
     """
     b, num_maps, c, h, w = x.shape
     flat, grad_flat = x.view(b, num_maps * c, h * w), grad_x.view(b, num_maps * c, h * w)
     grad_flat.baddbmm_(weight.t().expand(b, -1, -1), scores_grad)
     if grad_params is not None and grad_params[0] is not None:
-        grad_params[0] += torch.bmm(scores_grad, flat.transpose(1, 2)).sum(dim=0)
-        grad_params[1] += scores_grad.sum(dim=(0, 2))
+        if accumulate:
+            grad_params[0] += torch.bmm(scores_grad, flat.transpose(1, 2)).sum(dim=0)
+            grad_params[1] += scores_grad.sum(dim=(0, 2))
+        else:  # the entries are placeholders, replaced by new tensors
+            grad_params[0] = torch.bmm(scores_grad, flat.transpose(1, 2)).sum(dim=0)
+            grad_params[1] = scores_grad.sum(dim=(0, 2))
 
 
 class FuseFunction(torch.autograd.Function):
