@@ -51,7 +51,8 @@ def test_a_skipped_batch_leaves_every_buffer_and_parameter_as_without_it(tmp_pat
     buffers, expected = dict(skipping.named_buffers()), dict(clean.named_buffers())
     assert buffers.keys() == expected.keys() and any("running_var" in name for name in buffers)
     for name, value in buffers.items():
-        assert torch.isfinite(value.float()).all(), name
+        if name.startswith("network."):  # the statistics; the loss also holds constants (awf's -inf fill)
+            assert torch.isfinite(value.float()).all(), name
         torch.testing.assert_close(value, expected[name], rtol=0, atol=0, msg=name)
     for (name, value), (_, reference) in zip(skipping.named_parameters(), clean.named_parameters()):
         torch.testing.assert_close(value, reference, rtol=1e-6, atol=1e-7, msg=name)
