@@ -3,8 +3,11 @@
 import os
 from pathlib import Path
 
+import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+
+from lomix_lightning.data import SyntheticShapesDataModule
 
 
 def _plain(value):
@@ -43,3 +46,27 @@ class RankStateDump(Callback):
         }
         self.dirpath.mkdir(parents=True, exist_ok=True)
         torch.save(state, self.dirpath / f"{self.prefix}rank{trainer.global_rank}.pt")
+
+
+def tiny_data() -> SyntheticShapesDataModule:
+    """The small demo data every two-process script trains on."""
+    return SyntheticShapesDataModule(num_classes=3, image_size=32, num_train=16, num_val=8, batch_size=4)
+
+
+def two_process_trainer(out: Path, strategy, max_epochs: int, callbacks: list) -> pl.Trainer:
+    """A quiet 2-process CPU Trainer: two training batches and one validation batch per epoch, no logger."""
+    return pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy=strategy,
+        max_epochs=max_epochs,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=out / "root",
+        callbacks=callbacks,
+    )

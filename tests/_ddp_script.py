@@ -15,10 +15,9 @@ import lightning.pytorch as pl
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _ddp_probe import RankStateDump  # noqa: E402
+from _ddp_probe import RankStateDump, tiny_data, two_process_trainer  # noqa: E402
 
 from lomix_lightning import LoMixSegmentationModule  # noqa: E402
-from lomix_lightning.data import SyntheticShapesDataModule  # noqa: E402
 from lomix_lightning.models import UNet  # noqa: E402
 
 CASES = {
@@ -55,23 +54,8 @@ def run(name: str, out: Path) -> None:
     kwargs = dict(CASES[name])
     cls = NaNOnRankOne if "nonfinite" in name else LoMixSegmentationModule
     model = cls(UNet(in_channels=1, num_classes=3, base_channels=4, depth=3), 3, hd95=False, **kwargs)
-    data = SyntheticShapesDataModule(num_classes=3, image_size=32, num_train=16, num_val=8, batch_size=4)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out / "root",
-        callbacks=[RankStateDump(out, prefix=f"{name}_")],
-    )
-    trainer.fit(model, data)
+    trainer = two_process_trainer(out, "ddp", 1, [RankStateDump(out, prefix=f"{name}_")])
+    trainer.fit(model, tiny_data())
 
 
 def main(out: Path) -> None:

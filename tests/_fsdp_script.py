@@ -13,12 +13,12 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from _ddp_probe import tiny_data, two_process_trainer
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullyShardedDataParallel
 
 from lomix_lightning import LoMixSegmentationModule
 from lomix_lightning.callbacks import BestEpochWeightBarChart, WeightTrajectoryLogger
-from lomix_lightning.data import SyntheticShapesDataModule
 from lomix_lightning.models import UNet
 
 
@@ -62,27 +62,13 @@ class ShardProbe(pl.Callback):
 def main(out: Path) -> None:
     pl.seed_everything(0, verbose=False)
     model = LoMixSegmentationModule(UNet(in_channels=1, num_classes=3, base_channels=4, depth=3), 3, hd95=False)
-    data = SyntheticShapesDataModule(num_classes=3, image_size=32, num_train=16, num_val=8, batch_size=4)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy=CPUFSDPStrategy(process_group_backend="gloo"),
-        max_epochs=2,
-        limit_train_batches=2,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=out / "root",
-        callbacks=[
-            WeightTrajectoryLogger(dirpath=out / "weights", every_n_steps=1),
-            BestEpochWeightBarChart(dirpath=out / "weights", monitor="val/dice"),
-            ShardProbe(out),
-        ],
-    )
-    trainer.fit(model, data)
+    callbacks = [
+        WeightTrajectoryLogger(dirpath=out / "weights", every_n_steps=1),
+        BestEpochWeightBarChart(dirpath=out / "weights", monitor="val/dice"),
+        ShardProbe(out),
+    ]
+    trainer = two_process_trainer(out, CPUFSDPStrategy(process_group_backend="gloo"), 2, callbacks)
+    trainer.fit(model, tiny_data())
 
 
 if __name__ == "__main__":
