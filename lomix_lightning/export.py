@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lomix_lightning.errors import LomixUserError, LomixUserTypeError
+from lomix_lightning.resize import resize_logits
 
 InferenceOutput = Literal["last", "sum"]
 
@@ -30,13 +30,6 @@ def as_output_list(outputs: Tensor | Sequence[Tensor]) -> list[Tensor]:
     raise LomixUserTypeError(
         f"the network must return a Tensor or a list/tuple of Tensors (coarse to fine), got {kind}"
     )
-
-
-def resize_logits(logits: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear resize (``align_corners=False``) of ``(B, C, h, w)`` logits to ``size``; a no-op at that size."""
-    if tuple(logits.shape[-2:]) == tuple(size):
-        return logits
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 def combine_outputs(outputs: Sequence[Tensor], size: Sequence[int], mode: InferenceOutput) -> Tensor:

@@ -26,7 +26,6 @@ from lomix_lightning.export import (
     as_output_list,
     combine_outputs,
     prediction_core,
-    resize_logits,
 )
 from lomix_lightning.loss import LoMixLoss, LoMixLossOutput, LossName, Scheme
 from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
@@ -35,6 +34,7 @@ from lomix_lightning.metrics.summary import print_metrics_table
 from lomix_lightning.metrics.volume import evaluate_volume, predict_volume
 from lomix_lightning.native import engine as native_engine
 from lomix_lightning.precision import full_precision, fusion_dtype
+from lomix_lightning.resize import resize_logits
 from lomix_lightning.weighting import WeightingName
 
 Operator = Literal["add", "mul", "cat", "awf"]

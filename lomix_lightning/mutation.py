@@ -6,13 +6,13 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lomix_lightning.ops.batched import FuseFunction
 from lomix_lightning.ops.plan import SubsetPlan
 from lomix_lightning.ops.subsets import OPERATORS, enumerate_subsets, map_names, validate_operators
 from lomix_lightning.precision import full_precision, fusion_dtype
+from lomix_lightning.resize import resize_logits
 
 __all__ = ["CombinatorialMutation", "full_precision", "fusion_dtype", "upsample_to"]
 
@@ -24,9 +24,7 @@ def upsample_to(outputs: Sequence[Tensor], size: tuple[int, int], dtype: torch.d
     resized = []
     for out in outputs:
         out = out.to(dtype)
-        if tuple(out.shape[-2:]) != tuple(size):
-            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
-        resized.append(out)
+        resized.append(resize_logits(out, size))
     return resized
 
 
