@@ -22,9 +22,9 @@ def _seed():
 
 def pytest_collection_modifyitems(config, items):
     """The compiled kernels' doctests need them built (a C compiler), like ``needs_native`` in tests/test_native.py."""
-    native = [i for i in items if isinstance(i, pytest.DoctestItem) and i.name == "lomix_lightning.native"]
+    native = [i for i in items if isinstance(i, pytest.DoctestItem) and i.name == "lomix_lightning._engine.native"]
     if native:
-        from lomix_lightning.native import library
+        from lomix_lightning._engine.native import library
 
         if library() is None:
             for item in native:

@@ -37,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_loop import ReferenceLoopLoss  # noqa: E402
 
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule  # noqa: E402
+from lomix_lightning._engine.native import library  # noqa: E402
 from lomix_lightning.export import as_output_list, resize_logits  # noqa: E402
 from lomix_lightning.models import MultiScaleSMP  # noqa: E402
-from lomix_lightning.native import library  # noqa: E402
 from lomix_lightning.profiling import OpCounter  # noqa: E402
 
 SCHEMES = ("last_layer", "deep_supervision", "mutation", "lomix")

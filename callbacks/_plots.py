@@ -15,7 +15,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
-from lomix_lightning.ops.subsets import FAMILIES
+from lomix_lightning.losses.subsets import FAMILIES
 
 FAMILY_LABELS: dict[str, str] = {"original": "Original", "add": "Add", "mul": "Mul", "cat": "Concat", "awf": "AWF"}
 FAMILY_COLORS: dict[str, str] = {

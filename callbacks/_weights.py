@@ -14,8 +14,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from lomix_lightning.callbacks._loggers import run_dir
-from lomix_lightning.loss import LoMixLoss
-from lomix_lightning.ops.subsets import FAMILIES
+from lomix_lightning.losses.lomix import LoMixLoss
+from lomix_lightning.losses.subsets import FAMILIES
 
 OUTPUT_SUBDIR = "lomix_weights"
 """Folder created under the logger's directory (or ``default_root_dir``) when no ``dirpath`` is given."""

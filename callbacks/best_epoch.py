@@ -17,7 +17,7 @@ from typing_extensions import override
 from lomix_lightning.callbacks._loggers import bar_payload, send_figures
 from lomix_lightning.callbacks._plots import plot_weight_bars, save_png
 from lomix_lightning.callbacks._weights import output_dir, setup_criterion, write_csv
-from lomix_lightning.loss import LoMixLoss
+from lomix_lightning.losses.lomix import LoMixLoss
 
 
 class BestEpochWeightBarChart(Callback):

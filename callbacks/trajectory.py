@@ -29,7 +29,7 @@ from lomix_lightning.callbacks._weights import (
     weight_metrics,
     write_csv,
 )
-from lomix_lightning.loss import LoMixLoss
+from lomix_lightning.losses.lomix import LoMixLoss
 
 
 def _check_positive_int(name: str, value: Any) -> None:

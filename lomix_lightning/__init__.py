@@ -1,11 +1,11 @@
 """lomix-lightning: LoMix combinatorial multi-scale supervision for PyTorch Lightning."""
 
-from lomix_lightning.loss import SCHEMES, LoMixLoss, LoMixLossOutput
 from lomix_lightning.losses import CEDiceLoss, StructureLoss, ce_dice_loss, structure_loss
+from lomix_lightning.losses.lomix import SCHEMES, LoMixLoss, LoMixLossOutput
+from lomix_lightning.losses.mutation import CombinatorialMutation
+from lomix_lightning.losses.subsets import OPERATORS, enumerate_subsets, map_family, map_names
+from lomix_lightning.losses.weighting import FixedWeighting, LossWeighting, SoftplusWeighting
 from lomix_lightning.module import LoMixSegmentationModule
-from lomix_lightning.mutation import CombinatorialMutation
-from lomix_lightning.ops import OPERATORS, enumerate_subsets, map_family, map_names
-from lomix_lightning.weighting import FixedWeighting, LossWeighting, SoftplusWeighting
 
 __version__ = "0.1.0.dev0"
 

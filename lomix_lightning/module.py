@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lomix_lightning._config import instantiate_network, network_config
+from lomix_lightning._engine.native import engine as native_engine
 from lomix_lightning.errors import LomixUserError, LomixUserTypeError
 from lomix_lightning.export import (
     InferenceOutput,
@@ -27,15 +28,14 @@ from lomix_lightning.export import (
     combine_outputs,
     prediction_core,
 )
-from lomix_lightning.loss import LoMixLoss, LoMixLossOutput, LossName, Scheme
+from lomix_lightning.losses.lomix import LoMixLoss, LoMixLossOutput, LossName, Scheme
+from lomix_lightning.losses.precision import full_precision, fusion_dtype
+from lomix_lightning.losses.weighting import WeightingName
 from lomix_lightning.metrics.per_class import EmptyRule, per_class_metrics
 from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
 from lomix_lightning.metrics.summary import print_metrics_table
 from lomix_lightning.metrics.volume import evaluate_volume, predict_volume
-from lomix_lightning.native import engine as native_engine
-from lomix_lightning.precision import full_precision, fusion_dtype
 from lomix_lightning.resize import resize_logits
-from lomix_lightning.weighting import WeightingName
 
 Operator = Literal["add", "mul", "cat", "awf"]
 

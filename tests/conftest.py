@@ -7,7 +7,7 @@ The test helpers (tests/_fixtures.py, tests/_subprocess.py, ...) are importable 
 import pytest
 import torch
 
-import lomix_lightning.native as native
+import lomix_lightning._engine.native as native
 
 DEVICES = ["cpu", *(["cuda"] if torch.cuda.is_available() else [])]
 """The CPU always; a GPU when one is present (CI is CPU-only: the cuda cases are then absent, not skipped)."""

@@ -45,7 +45,7 @@ def test_pytorch_engine_gradients_of_the_dense_block_match_autograd_in_chunks(mo
     """One block for the cat/awf convolutions, chunk 0 writing the gradients, later chunks adding, an operator left
     unscored getting zero gradients: all against plain autograd through ``fuse`` and ``ce_dice_stats``."""
     from lomix_lightning import CombinatorialMutation
-    from lomix_lightning.losses import engine
+    from lomix_lightning import _engine as engine
     from lomix_lightning.losses.ce_dice import ce_dice_stats, ce_dice_target
 
     monkeypatch.setenv("LOMIX_NATIVE", "0")

@@ -16,8 +16,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lomix_lightning import LoMixSegmentationModule
+from lomix_lightning import _engine as engine
 from lomix_lightning.data import SyntheticShapesDataModule
-from lomix_lightning.losses import engine
 from lomix_lightning.models import UNet
 
 SYNC_OPS = {

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lomix_lightning import CombinatorialMutation, LoMixLoss, ce_dice_loss, structure_loss
-from lomix_lightning.weighting import FixedWeighting, LossWeighting, SoftplusWeighting
+from lomix_lightning.losses.weighting import FixedWeighting, LossWeighting, SoftplusWeighting
 
 
 def _dice_reference(logits, target, eps=1e-5):

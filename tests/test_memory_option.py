@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import lomix_lightning.native as native
+import lomix_lightning._engine.native as native
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule
 from lomix_lightning.models import UNet
 

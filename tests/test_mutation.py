@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from lomix_lightning import CombinatorialMutation, LoMixLoss, enumerate_subsets, map_names
-from lomix_lightning.ops import batched
+from lomix_lightning._engine import batched
 
 
 @pytest.fixture(params=["loop", "per_size"])

@@ -11,7 +11,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-import lomix_lightning.native as native
+import lomix_lightning._engine.native as native
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule
 from lomix_lightning.losses.ce_dice import ce_dice_backward, ce_dice_forward, ce_dice_target
 from lomix_lightning.models import UNet

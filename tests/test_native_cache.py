@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import lomix_lightning.native as native
-import lomix_lightning.native._build as native_build
+import lomix_lightning._engine._build as native_build
+import lomix_lightning._engine.native as native
 from lomix_lightning import LoMixLoss
 
 needs_cc = pytest.mark.skipif(
@@ -333,7 +333,7 @@ def test_force_fails_loudly_and_a_bad_mode_is_refused(fresh, monkeypatch):
 
 
 def test_maps_the_kernels_do_not_take_are_logged_once_as_info(fresh, caplog):
-    caplog.set_level("INFO", logger="lomix_lightning.native.kernels")
+    caplog.set_level("INFO", logger="lomix_lightning._engine.native")
     maps = [torch.randn(1, 3, 4, 4, dtype=torch.float64), torch.randn(1, 3, 8, 8, dtype=torch.float64)]
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # legitimate: not a warning

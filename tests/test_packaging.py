@@ -39,7 +39,7 @@ def test_regular_install_imports_callbacks(tmp_path):
     )  # fmt: skip
     assert not (target / "callbacks").exists()  # nothing named `callbacks` lands in site-packages
     assert (target / "lomix_lightning" / "callbacks" / "trajectory.py").is_file()
-    assert (target / "lomix_lightning" / "native" / "ce_dice.c").is_file()  # the kernels' source ships
+    assert (target / "lomix_lightning" / "_engine" / "ce_dice.c").is_file()  # the kernels' source ships
     code = "import lomix_lightning.callbacks as c, lomix_lightning as l; print(c.__file__); print(l.__file__)"
     out = subprocess.run(
         [sys.executable, "-c", code], check=True, capture_output=True, text=True, cwd=tmp_path,

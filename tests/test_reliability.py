@@ -18,8 +18,8 @@ from lomix_lightning._cli_errors import summarize_error
 from lomix_lightning.callbacks import InterruptCheckpoint
 from lomix_lightning.cli import LoMixCLI, main
 from lomix_lightning.data import SyntheticShapesDataModule
+from lomix_lightning.losses.mutation import CombinatorialMutation
 from lomix_lightning.models import UNet
-from lomix_lightning.mutation import CombinatorialMutation
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from lomix_lightning.precision import full_precision, fusion_dtype
+from lomix_lightning.losses.precision import full_precision, fusion_dtype
 
 
 class CEDiceTarget(NamedTuple):

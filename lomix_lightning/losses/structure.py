@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lomix_lightning.precision import full_precision, fusion_dtype
+from lomix_lightning.losses.precision import full_precision, fusion_dtype
 
 
 def boundary_weight(mask: Tensor) -> Tensor:

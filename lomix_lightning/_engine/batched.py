@@ -1,8 +1,8 @@
 """Batched fusion kernels: one operator's mutants for all subsets at once, with a hand-written backward.
 
-:class:`~lomix_lightning.ops.plan.SubsetPlan` holds the index bookkeeping; :func:`fuse_forward` /
+:class:`~lomix_lightning._engine.plan.SubsetPlan` holds the index bookkeeping; :func:`fuse_forward` /
 :func:`fuse_backward` are the pure, autograd-free kernels shared by :class:`~lomix_lightning.CombinatorialMutation`
-and the fused CE + Dice engine (:mod:`lomix_lightning.losses.engine`); :class:`FuseFunction` wraps them for autograd.
+and the fused CE + Dice engine (:mod:`lomix_lightning._engine`); :class:`FuseFunction` wraps them for autograd.
 Each runs a few operators per subset size or per map, never one per subset (on a GPU each operator is a kernel
 launch): ``add`` is one incidence matrix product, ``mul`` one gather-and-multiply per subset size, ``cat``/``awf`` run
 their per-subset 1x1 convolutions as one block-sparse matrix product. The plain one-subset definitions they are tested
@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lomix_lightning.ops import loop
-from lomix_lightning.ops.plan import SubsetPlan
-from lomix_lightning.precision import full_precision
+from lomix_lightning._engine import loop
+from lomix_lightning._engine.plan import SubsetPlan
+from lomix_lightning.losses.precision import full_precision
 
 
 def fuse_forward(
@@ -157,7 +157,7 @@ def _awf_backward(xs: Tensor, attention: Tensor, gs: Tensor, gx: Tensor) -> Tens
 
 
 def loops(x: Tensor) -> bool:
-    """Whether to run the CPU forms: the per-subset loops of :mod:`lomix_lightning.ops.loop`, one pass per group.
+    """Whether to run the CPU forms: the per-subset loops of :mod:`lomix_lightning._engine.loop`, one pass per group.
 
     On the CPU (not compiling) the work is memory-bound and launches are cheap; elsewhere (GPU, ``meta``, compiled)
     the per-size kernels and merged passes, which launch few operators.

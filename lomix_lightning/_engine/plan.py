@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lomix_lightning.ops.subsets import enumerate_subsets
+from lomix_lightning.losses.subsets import enumerate_subsets
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from lomix_lightning.native._build import _LOCK, _STATE, library, unavailable_reason
+from lomix_lightning._engine._build import _LOCK, _STATE, library, unavailable_reason
 
 _log = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def usable(logits: Tensor) -> bool:
     """Whether the kernels take ``(b, L, C, H, W)`` maps: CPU float32, ``C <= 32``, ``L <= 16``, library loaded.
 
     Maps they do not take (float64, more classes or outputs) are legitimate and run on the PyTorch engine; that is
-    logged once per reason at INFO level (``lomix_lightning.native.kernels``), not warned about.
+    logged once per reason at INFO level (``lomix_lightning._engine.native``), not warned about.
     """
     if logits.ndim != 5:
         return False

@@ -12,15 +12,14 @@ import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from lomix_lightning.losses.ce_dice import CEDiceTarget
-from lomix_lightning.losses.passes import backward_passes, forward_passes, pack_passes
-from lomix_lightning.mutation import CombinatorialMutation
-from lomix_lightning.native import (
+from lomix_lightning._engine import batched
+from lomix_lightning._engine.native import (
     GroupLayout,
     GroupSpec,
     groups_grad,
@@ -29,9 +28,13 @@ from lomix_lightning.native import (
     subset_layout,
     usable,
 )
-from lomix_lightning.ops import batched
-from lomix_lightning.ops.plan import SubsetPlan
-from lomix_lightning.precision import full_precision
+from lomix_lightning._engine.passes import backward_passes, forward_passes, pack_passes
+from lomix_lightning._engine.plan import SubsetPlan
+from lomix_lightning.losses.ce_dice import CEDiceTarget
+from lomix_lightning.losses.precision import full_precision
+
+if TYPE_CHECKING:
+    from lomix_lightning.losses.mutation import CombinatorialMutation
 
 
 def lomix_ce_dice_stats(
@@ -154,7 +157,7 @@ class _EnginePlan:
     """What :class:`_LoMixStats` computes: operator groups (``"original"`` first), target, chunking, kept groups.
 
     ``native``: per group (in ``groups`` order), the layout of the compiled CPU kernels
-    (:mod:`lomix_lightning.native`), which then fuse and score the maps with the packed ``cat``/``awf``
+    (:mod:`lomix_lightning._engine.native`), which then fuse and score the maps with the packed ``cat``/``awf``
     parameters; ``None``: tensor operations.
     """
 

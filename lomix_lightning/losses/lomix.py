@@ -9,12 +9,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lomix_lightning._engine import lomix_ce_dice_stats
 from lomix_lightning.losses.ce_dice import ce_dice_from_stats, ce_dice_target
-from lomix_lightning.losses.engine import lomix_ce_dice_stats
+from lomix_lightning.losses.mutation import CombinatorialMutation, full_precision, fusion_dtype, upsample_to
 from lomix_lightning.losses.structure import structure_loss
-from lomix_lightning.mutation import CombinatorialMutation, full_precision, fusion_dtype, upsample_to
-from lomix_lightning.ops.subsets import OPERATORS, map_family
-from lomix_lightning.weighting import LossWeighting, WeightingName, build_weighting
+from lomix_lightning.losses.subsets import OPERATORS, map_family
+from lomix_lightning.losses.weighting import LossWeighting, WeightingName, build_weighting
 
 Scheme = Literal["last_layer", "deep_supervision", "mutation", "lomix"]
 LossName = Literal["ce_dice", "structure"]
@@ -68,8 +68,8 @@ class LoMixLoss(nn.Module):
     With ``ce_dice`` one fused engine computes every map: each operator writes all its mutants into one tensor, one
     softmax serves CE and Dice, and the backward is written by hand (keeping at most the softmax, see
     ``memory_efficient``). No host synchronisation; at least float32 even under autocast. On the CPU (float32, at most
-    32 classes and 16 outputs) compiled kernels (:mod:`lomix_lightning.native`) do each operator's fusion, softmax,
-    CE and Dice per block of pixels without storing any map, and recompute them in backward; elsewhere, or with
+    32 classes and 16 outputs) compiled kernels (:mod:`lomix_lightning._engine.native`) do each operator's fusion,
+    softmax, CE and Dice per block of pixels without storing any map, and recompute them in backward; elsewhere, or with
     ``LOMIX_NATIVE=0``, tensor operations do (same values).
 
     Args:
@@ -79,7 +79,7 @@ class LoMixLoss(nn.Module):
         scheme: Supervision scheme, see the table.
         operators: Operators to apply, overriding the scheme's (``None`` keeps them).
         weighting: ``"learned"`` (softplus of a raw ``alpha`` per map, ``alpha`` starting at 0), ``"fixed"`` (1), or
-            a :class:`~lomix_lightning.weighting.LossWeighting` instance; ``None`` keeps the scheme's.
+            a :class:`~lomix_lightning.losses.weighting.LossWeighting` instance; ``None`` keeps the scheme's.
         loss: Per-map loss: ``"ce_dice"`` (multi-class), ``"structure"`` (binary), or any callable
             ``(logits (B, C, H, W), target) -> scalar``, applied to each map in turn.
         ce_weight: Cross-entropy coefficient of ``ce_dice`` (paper: 0.3).

@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from lomix_lightning._engine.batched import SubsetPlan, fuse_backward, fuse_forward
 from lomix_lightning.losses.ce_dice import ce_dice_backward, ce_dice_forward, softmax
-from lomix_lightning.ops.batched import SubsetPlan, fuse_backward, fuse_forward
 
 Workspace = Callable[..., Tensor]
 

@@ -2,7 +2,7 @@
 
 On the CPU an operator costs microseconds to launch and the work is memory-bound, so the per-subset loop (each
 product reusing its prefix's, written in place) is faster than the per-size gathers of
-:mod:`lomix_lightning.ops.batched`, which a GPU prefers (few kernel launches). Same layouts and results; the tests
+:mod:`lomix_lightning._engine.batched`, which a GPU prefers (few kernel launches). Same layouts and results; the tests
 compare both with the one-subset definitions of :mod:`lomix_lightning.ops.fusion`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lomix_lightning.ops.plan import SubsetPlan
+from lomix_lightning._engine.plan import SubsetPlan
 
 
 def mul_forward(xs: Tensor, outs: Tensor, plan: SubsetPlan) -> None:

@@ -8,10 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lomix_lightning.ops.batched import FuseFunction
-from lomix_lightning.ops.plan import SubsetPlan
-from lomix_lightning.ops.subsets import OPERATORS, enumerate_subsets, map_names, validate_operators
-from lomix_lightning.precision import full_precision, fusion_dtype
+from lomix_lightning._engine.batched import FuseFunction
+from lomix_lightning._engine.plan import SubsetPlan
+from lomix_lightning.losses.precision import full_precision, fusion_dtype
+from lomix_lightning.losses.subsets import OPERATORS, enumerate_subsets, map_names, validate_operators
 from lomix_lightning.resize import resize_logits
 
 __all__ = ["CombinatorialMutation", "full_precision", "fusion_dtype", "upsample_to"]
@@ -178,7 +178,7 @@ class CombinatorialMutation(nn.Module):
         row ``k*L + i`` the score of map ``i`` in subset ``k``, with zero weights and a ``-inf`` bias where ``i`` is not
         a member (its softmax weight is then exactly 0). The constant tables of the other operators: ``add``, the
         ``(L, K)`` 0/1 incidence of maps in subsets (its backward is one matrix product) and ``None``; ``mul``, the
-        index table and member incidence of :class:`~lomix_lightning.ops.plan.SubsetPlan`.
+        index table and member incidence of :class:`~lomix_lightning._engine.plan.SubsetPlan`.
         """
         if op == "add":
             return self._incidence.to(dtype), None
@@ -199,8 +199,8 @@ class CombinatorialMutation(nn.Module):
         """The ``cat``/``awf`` convolutions as one flat weight and one flat bias (differentiable).
 
         Each subset's ``(rows, |S|*C, 1, 1)`` weight is flattened, in subset order: the layout of
-        :func:`lomix_lightning.native.subset_layout` that the compiled kernels read. ``(None, None)`` for ``add``
-        and ``mul``.
+        :func:`lomix_lightning._engine.native.subset_layout` that the compiled kernels read. ``(None, None)`` for
+        ``add`` and ``mul``.
         """
         if op not in ("cat", "awf"):
             return None, None
