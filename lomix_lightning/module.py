@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lomix_lightning._config import instantiate_network, network_config
-from lomix_lightning._engine.native import engine as native_engine
 from lomix_lightning.errors import LomixUserError, LomixUserTypeError
 from lomix_lightning.export import (
     InferenceOutput,
@@ -469,8 +468,7 @@ class LoMixSegmentationModule(pl.LightningModule):
             self.engine = f"pytorch: loss={self.hparams.loss!r}"
         else:
             dtype = torch.promote_types(next(self.network.parameters(), torch.zeros(())).dtype, torch.float32)
-            maps = self.criterion.num_outputs
-            self.engine = native_engine(self.device, dtype, self.num_classes, maps)
+            self.engine = self.criterion.engine_for(self.device, dtype)  # the criterion's engine (native or why not)
         for logger in self.loggers:
             logger.log_hyperparams({"engine": self.engine})
 

@@ -49,13 +49,14 @@ def test_pytorch_engine_gradients_of_the_dense_block_match_autograd_in_chunks(mo
     from lomix_lightning.losses.ce_dice import ce_dice_stats, ce_dice_target
 
     monkeypatch.setenv("LOMIX_NATIVE", "0")
-    monkeypatch.setattr(engine, "_CHUNK_BYTES", 1)  # one image per chunk: three chunks
+    monkeypatch.setattr(engine.pytorch, "_CHUNK_BYTES", 1)  # one image per chunk: three chunks
     torch.manual_seed(0)
     mutation = CombinatorialMutation(3, 4, ["mul", "cat", "awf"])
     x = torch.randn(3, 3, 4, 5, 5, requires_grad=True)
     prepared = ce_dice_target(torch.randint(0, 4, (3, 5, 5)), 4, torch.float32)
     weights = torch.randn(3 + 4 * len(operators), 9)
-    got = engine.lomix_ce_dice_stats(x, operators, mutation, prepared)
+    inputs = mutation.engine_inputs("pytorch", x.dtype, operators)
+    got = engine.lomix_ce_dice_stats(x, operators, mutation.plan, prepared, inputs)
     got_grads = torch.autograd.grad((got * weights).sum(), [x, *mutation.parameters()], allow_unused=True)
     groups = [x] + [mutation.fuse(op, x) for op in operators]
     want = torch.cat([ce_dice_stats(g, prepared) for g in groups])

@@ -11,6 +11,7 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
+import lomix_lightning._engine as engine
 import lomix_lightning._engine.native as native
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule
 from lomix_lightning.losses.ce_dice import ce_dice_backward, ce_dice_forward, ce_dice_target
@@ -74,9 +75,9 @@ def test_kernels_match_the_tensor_functions_with_and_without_ignored_pixels():
     for ignore in (None, 255):
         prepared = ce_dice_target(labels if ignore else labels.clamp(max=5), 6, torch.float32, ignore)
         p, stats = ce_dice_forward(logits, prepared.target, prepared.valid, prepared.onehot)
-        torch.testing.assert_close(native.native_stats(logits, prepared.target, prepared.valid), stats)
+        torch.testing.assert_close(engine.native_stats(logits, prepared.target, prepared.valid), stats)
         expected = ce_dice_backward(p, grad, prepared.target, prepared.valid)
-        got = native.native_grad(logits, grad, prepared.target, prepared.valid, torch.empty_like(logits))
+        got = engine.native_grad(logits, grad, prepared.target, prepared.valid, torch.empty_like(logits))
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
@@ -101,7 +102,7 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
 def test_more_classes_than_the_kernels_take_use_the_tensor_path():
     logits = torch.zeros(1, 2, native.MAX_CLASSES + 1, 2, 2)
     assert not native.usable(logits)
-    assert native.native_stats(logits, torch.zeros(1, 2, 2, dtype=torch.long), None) is None
+    assert engine.native_stats(logits, torch.zeros(1, 2, 2, dtype=torch.long), None) is None
     out = LoMixLoss(2, native.MAX_CLASSES + 1)([logits[:, 0], logits[:, 1]], torch.zeros(1, 2, 2, dtype=torch.long))
     assert torch.isfinite(out.total)
     assert not native.usable(logits[:, :, :3].double())  # float64 (gradcheck) stays on the tensor path

@@ -99,6 +99,15 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
+def first_note(reason: str) -> bool:
+    """Whether ``reason`` (why some maps run on PyTorch) is new in this process; records it (log it once)."""
+    with _LOCK:
+        noted = _STATE.setdefault("noted", set())
+        new = reason not in noted
+        noted.add(reason)
+    return new
+
+
 def unavailable_reason() -> str | None:
     """In a few words, why :func:`library` returned ``None`` (``None`` if it loaded or was not tried yet)."""
     if mode() == "off":

@@ -1,17 +1,42 @@
-"""The kernels' Python side: one operator group's CE + Dice statistics and gradients, fused per pixel block."""
+"""Optional compiled CPU kernels for the fused CE + Dice engine (``ce_dice.c``, loaded with :mod:`ctypes`).
+
+On the CPU, LoMix's fusions, softmaxes, CE and Dice statistics and their gradients are dozens of memory-bound tensor
+passes over 48 full-resolution maps; the C kernels compute each operator group per block of 256 pixels, in cache, and
+store no map (see ``benchmarks/``). They are plain C99 without Python or torch headers: the first use compiles them
+with the system C compiler (``$CC``, else ``cc``, ``gcc`` or ``clang``; about a second) into a cache directory, keyed
+by the source, the compiler, the flags and the CPU, and later processes load the cached library after checking it
+(the trust rules are in :mod:`lomix_lightning._engine._build`). Built with OpenMP they run on torch's own thread
+team. Results do not depend on the thread count. The groups' packed layout is :mod:`lomix_lightning._engine`'s.
+
+Everything else runs through the PyTorch engine, which computes the same values (the tests compare both): with
+``LOMIX_NATIVE=0`` or ``LoMixLoss(engine="torch")`` silently; without a usable compiler, on Windows, or when the build
+fails with one ``RuntimeWarning`` per process saying why; for maps the kernels do not take (float64, more than 32
+classes or 16 outputs, a GPU) with one INFO log line per reason. :func:`engine` names the engine for given maps.
+
+Environment:
+    ``LOMIX_NATIVE``: unset or ``auto`` (the kernels when they can be used), ``0`` (off), ``1`` (force: kernels
+    that cannot be built or loaded are an error naming the reason; maps they do not take still use PyTorch).
+    ``LOMIX_CACHE_DIR``: where to keep the compiled library (default ``$XDG_CACHE_HOME/lomix_lightning`` or
+    ``~/.cache/lomix_lightning``, else a per-user directory in the temporary directory).
+    ``CC``: the C compiler, with flags if wanted (``CC='gcc -m64'``: the first word is the program).
+"""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import Tensor
 
-from lomix_lightning._engine._build import _LOCK, _STATE, library, unavailable_reason
+from lomix_lightning._engine._build import first_note, library, unavailable_reason
+
+if TYPE_CHECKING:
+    from lomix_lightning._engine import GroupLayout
 
 _log = logging.getLogger(__name__)
 
@@ -39,57 +64,6 @@ class _Group(ctypes.Structure):
         *[(name, ctypes.c_void_p) for name in ("stats", "grad", "grad_src", "grad_params")],
         *[(name, ctypes.c_int64) for name in ("num_params", "weight_size", "overwrite")],
     ]
-
-
-class GroupLayout(NamedTuple):
-    """Where each subset's members and 1x1 convolution live in the flat arrays the kernels read.
-
-    Attributes:
-        members: int32, subset ``k`` is ``members[offsets[k]:offsets[k + 1]]``.
-        offsets: int32 ``(K + 1,)``.
-        woff: int64 ``(K,)`` start of subset ``k``'s ``(rows_k, |S| C)`` weight in the packed weight.
-        boff: int64 ``(K,)`` start of its ``rows_k`` biases in the packed bias.
-        weight_size: Length of the packed weight.
-        bias_size: Length of the packed bias.
-    """
-
-    members: Tensor
-    offsets: Tensor
-    woff: Tensor
-    boff: Tensor
-    weight_size: int
-    bias_size: int
-
-
-def subset_layout(subsets: Sequence[Sequence[int]], num_classes: int = 1, rows: str = "none") -> GroupLayout:
-    """The layout of ``subsets``; ``rows`` gives the 1x1 convolutions' outputs: ``"cat"`` (C), ``"awf"`` (``|S|``).
-
-    The packed weight is the per-subset ``nn.Conv2d`` weights ``(rows_k, |S| C, 1, 1)`` flattened and concatenated
-    in subset order (:meth:`~lomix_lightning.CombinatorialMutation.packed_parameters`).
-
-    Example:
-        >>> layout = subset_layout([(0, 1), (0, 1, 2)], num_classes=2, rows="awf")
-        >>> layout.members.tolist(), layout.offsets.tolist(), layout.woff.tolist(), layout.weight_size
-        ([0, 1, 0, 1, 2], [0, 2, 5], [0, 8], 26)
-    """
-    members, offsets, woff, boff = [], [0], [], []
-    weight_size = bias_size = 0
-    for subset in subsets:
-        members.extend(subset)
-        offsets.append(offsets[-1] + len(subset))
-        out_rows = {"cat": num_classes, "awf": len(subset), "none": 0}[rows]
-        woff.append(weight_size)
-        boff.append(bias_size)
-        weight_size += out_rows * len(subset) * num_classes
-        bias_size += out_rows
-    return GroupLayout(
-        torch.tensor(members, dtype=torch.int32),
-        torch.tensor(offsets, dtype=torch.int32),
-        torch.tensor(woff, dtype=torch.int64),
-        torch.tensor(boff, dtype=torch.int64),
-        weight_size,
-        bias_size,
-    )
 
 
 def unsupported(device: torch.device, dtype: torch.dtype, num_classes: int, num_maps: int) -> str | None:
@@ -121,8 +95,7 @@ def usable(logits: Tensor) -> bool:
     why = unsupported(logits.device, logits.dtype, logits.shape[2], logits.shape[1])
     if why is None:
         return library() is not None
-    if logits.device.type == "cpu" and why not in _STATE.setdefault("noted", set()):
-        _STATE["noted"].add(why)
+    if logits.device.type == "cpu" and first_note(why):
         _log.info("lomix_lightning: the loss runs on the PyTorch engine for %s", why)
     return False
 
@@ -146,13 +119,17 @@ def _pointer(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
+_POOL_LOCK = threading.Lock()
+_POOL: dict[str, ThreadPoolExecutor] = {}
+
+
 def _pool(threads: int) -> ThreadPoolExecutor:
-    with _LOCK:
-        pool = _STATE.get("pool")
+    with _POOL_LOCK:
+        pool = _POOL.get("pool")
         if pool is None or pool._max_workers != threads:
             if pool is not None:
                 pool.shutdown(wait=False)
-            pool = _STATE["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="lomix-native")
+            pool = _POOL["pool"] = ThreadPoolExecutor(threads, thread_name_prefix="lomix-native")
         return pool
 
 
@@ -176,7 +153,7 @@ class GroupSpec(NamedTuple):
     """One operator group for :func:`groups_stats`: its kind, layout and (``cat``/``awf``) packed parameters.
 
     ``op`` is ``"identity"`` (score the source maps named by one-member subsets), ``"add"``, ``"mul"``, ``"cat"`` or
-    ``"awf"``; ``weight``/``bias`` are :meth:`~lomix_lightning.CombinatorialMutation.packed_parameters`.
+    ``"awf"``; ``weight``/``bias`` are packed by :func:`lomix_lightning._engine.pack`.
     """
 
     op: str
@@ -270,26 +247,3 @@ def groups_grad(
         total = partial.sum(dim=0, dtype=torch.float64).to(torch.float32)
         results.append((total[: spec.layout.weight_size], total[spec.layout.weight_size :]))
     return results
-
-
-def native_stats(logits: Tensor, target: Tensor, valid: Tensor | None) -> Tensor | None:
-    """``(K, 1 + 2C)`` CE + Dice statistics of ``(b, K, C, H, W)`` logits (as ``ce_dice_stats``), or ``None``.
-
-    ``None`` when the kernels do not take these logits (see :func:`usable`).
-    """
-    if not usable(logits):
-        return None
-    return groups_stats([GroupSpec("identity", identity_layout(logits.shape[1]))], logits, target, valid)[0]
-
-
-def native_grad(logits: Tensor, grad: Tensor, target: Tensor, valid: Tensor | None, out: Tensor) -> Tensor | None:
-    """Gradient of ``sum(grad * stats)`` with respect to ``(b, K, C, H, W)`` logits, written to ``out``, or ``None``."""
-    if not usable(logits):
-        return None
-    groups_grad([GroupSpec("identity", identity_layout(logits.shape[1]))], logits, [grad], target, valid, out)
-    return out
-
-
-def identity_layout(num_maps: int) -> GroupLayout:
-    """One-member subsets ``(0,), (1,), ...``: score the source maps themselves."""
-    return subset_layout([(i,) for i in range(num_maps)])

@@ -2,23 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lomix_lightning._engine import lomix_ce_dice_stats
+from lomix_lightning._engine import ENGINES, EngineName, lomix_ce_dice_stats, require_native, resolve
+from lomix_lightning._engine.native import engine as native_engine
 from lomix_lightning.losses.ce_dice import ce_dice_from_stats, ce_dice_target
-from lomix_lightning.losses.mutation import CombinatorialMutation, full_precision, fusion_dtype, upsample_to
-from lomix_lightning.losses.structure import structure_loss
+from lomix_lightning.losses.checks import PerMapLoss, check_devices_and_batch, checked_target, per_map_loss
+from lomix_lightning.losses.mutation import CombinatorialMutation, upsample_to
+from lomix_lightning.losses.precision import full_precision, fusion_dtype
 from lomix_lightning.losses.subsets import OPERATORS, map_family
 from lomix_lightning.losses.weighting import LossWeighting, WeightingName, build_weighting
 
 Scheme = Literal["last_layer", "deep_supervision", "mutation", "lomix"]
 LossName = Literal["ce_dice", "structure"]
-PerMapLoss = Callable[[Tensor, Tensor], Tensor]
 
 SCHEMES: dict[str, tuple[tuple[str, ...], str]] = {
     "last_layer": ((), "fixed"),
@@ -92,11 +93,17 @@ class LoMixLoss(nn.Module):
             ``ce_dice``: ``torch.utils.checkpoint`` per operator). Same values and gradients, for a second fusion and
             softmax in backward. By default the softmax of the original and ``cat`` maps is kept and the
             ``add``/``mul``/``awf`` mutants are recomputed, which bounds the loss's extra memory to about ``L + K``
-            softmax maps. The CPU kernels keep nothing either way, so there this option changes nothing.
+            softmax maps. The compiled CPU kernels keep no map at all: with ``engine="auto"`` they still run where
+            they can (the bound holds), and ``engine="native"`` refuses ``memory_efficient=True`` (nothing to do).
+        engine: Which engine computes ``ce_dice``: ``"auto"`` (the compiled CPU kernels where they take the maps,
+            else PyTorch; ``LOMIX_NATIVE=0`` switches the kernels off), ``"native"`` (the kernels, or an error
+            saying why they cannot run) or ``"torch"`` (tensor operations only). Same values; see
+            :meth:`engine_for`.
 
     Raises:
         ValueError: On an unknown scheme, operator, weighting or loss, ``num_outputs < 1``, operators given with
-            ``last_layer``, or a loss that does not fit ``num_classes``.
+            ``last_layer``, a loss that does not fit ``num_classes``, an unknown ``engine``, or ``engine="native"``
+            with another loss than ``ce_dice``, with ``memory_efficient=True`` or where the kernels cannot run.
 
     Example:
         >>> loss = LoMixLoss(num_outputs=2, num_classes=3)
@@ -122,6 +129,7 @@ class LoMixLoss(nn.Module):
         ignore_index: int | None = None,
         check_target: bool = True,
         memory_efficient: bool = False,
+        engine: EngineName = "auto",
     ) -> None:
         super().__init__()
         if scheme not in SCHEMES:
@@ -148,37 +156,38 @@ class LoMixLoss(nn.Module):
         if not isinstance(memory_efficient, bool):
             raise TypeError(f"memory_efficient must be True or False, got {memory_efficient!r}")
         self.memory_efficient = memory_efficient
+        if engine not in ENGINES:
+            raise ValueError(f"unknown engine {engine!r}; allowed engines are {list(ENGINES)}")
         self.ce_weight, self.dice_weight = float(ce_weight), float(dice_weight)
-        self.loss_name, self._per_map_loss = self._build_loss(loss, ce_weight, dice_weight, ignore_index)
+        self.loss_name, self._per_map_loss = per_map_loss(loss, num_classes, ce_weight, dice_weight, ignore_index)
+        if engine == "native" and self.loss_name != "ce_dice":
+            raise ValueError(f"engine='native' computes loss='ce_dice' only, got loss={self.loss_name!r}")
+        if engine == "native" and memory_efficient:
+            raise ValueError(
+                "engine='native' with memory_efficient=True: the compiled kernels keep no map for backward anyway; "
+                "pass memory_efficient=False, or engine='torch' or 'auto'"
+            )
+        if engine == "native":
+            require_native()
+        self.engine: EngineName = engine
         # The full weight vector of the last forward, detached: under FSDP the parameters outside forward are this
         # rank's shard (a plain attribute: FSDP neither shards nor gathers it, DDP does not broadcast it).
         self._last_weights: Tensor | None = None
 
-    def _build_loss(
-        self, loss: LossName | PerMapLoss, ce_weight: float, dice_weight: float, ignore_index: int | None
-    ) -> tuple[str, PerMapLoss | None]:
-        if callable(loss):
-            return getattr(loss, "__name__", type(loss).__name__), loss
-        if loss == "ce_dice":
-            if self.num_classes < 2:
-                raise ValueError(
-                    f"loss='ce_dice' needs num_classes >= 2 (softmax over classes), got num_classes={self.num_classes};"
-                    " use loss='structure' for binary segmentation with one output channel"
-                )
-            if ce_weight < 0 or dice_weight < 0:
-                raise ValueError(f"ce_weight and dice_weight must be >= 0, got {ce_weight} and {dice_weight}")
-            return loss, None  # the fused engine (losses/engine.py)
-        if loss == "structure":
-            if self.num_classes != 1:
-                raise ValueError(
-                    f"loss='structure' is binary and needs num_classes=1, got num_classes={self.num_classes}"
-                )
-            if ignore_index is not None:
-                raise ValueError(f"loss='structure' does not support ignore_index (got {ignore_index})")
-            return loss, structure_loss
-        raise ValueError(
-            f"unknown loss {loss!r}; allowed are 'ce_dice', 'structure' or a callable (logits, target) -> scalar"
-        )
+    def engine_for(self, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+        """The engine that scores maps of ``dtype`` on ``device``: ``"native"`` or ``"pytorch: <why>"``.
+
+        The module logs it as the ``engine`` hyper-parameter at fit start.
+
+        Example:
+            >>> LoMixLoss(2, 3, engine="torch").engine_for(torch.device("cpu"))
+            "pytorch: engine='torch'"
+        """
+        if self.loss_name != "ce_dice":
+            return f"pytorch: loss={self.loss_name!r}"
+        if self.engine == "torch":
+            return "pytorch: engine='torch'"
+        return native_engine(device, fusion_dtype(dtype), self.num_classes, self.num_outputs)
 
     @property
     def num_maps(self) -> int:
@@ -223,35 +232,6 @@ class LoMixLoss(nn.Module):
         """``{map name: weight}`` as Python floats, for logging (one host sync); see :meth:`current_weights`."""
         return dict(zip(self.map_names, self.current_weights().float().cpu().tolist()))
 
-    def _target(self, target: Tensor, size: tuple[int, int], batch: int, check: bool) -> Tensor:
-        binary = self.num_classes == 1
-        if binary and target.ndim == 4 and target.shape[1] == 1:
-            target = target[:, 0]
-        expected = (batch, *size)
-        if tuple(target.shape) != expected:
-            extra = " or (B, 1, H, W)" if binary else ""
-            raise ValueError(
-                f"target has shape {tuple(target.shape)}, expected (B, H, W){extra} = {expected} "
-                "to match the batch size and the largest output resolution"
-            )
-        if not binary and (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):
-            raise TypeError(
-                f"target must hold integer class indices for num_classes={self.num_classes}, got {target.dtype}"
-            )
-        if check:
-            high = 1 if binary else self.num_classes - 1
-            bad = (target < 0) | (target > high)
-            if self.ignore_index is not None:
-                bad &= target != self.ignore_index
-            allowed = "[0, 1]" if binary else f"[0, {self.num_classes})"
-            ignore = f" or ignore_index={self.ignore_index}" if self.ignore_index is not None else ""
-            if torch.compiler.is_compiling():  # no host read inside a compiled graph: a device-side assertion
-                torch._assert_async(~bad.any(), f"target holds labels outside {allowed}{ignore}")
-            elif bool(bad.any()):
-                values = torch.unique(target[bad])[:10].tolist()
-                raise ValueError(f"target holds labels {values} outside {allowed}{ignore}")
-        return target
-
     def forward(
         self, outputs: Sequence[Tensor], target: Tensor, *, check_target: bool | None = None
     ) -> LoMixLossOutput:
@@ -274,7 +254,7 @@ class LoMixLoss(nn.Module):
                 (both named), an empty batch (refused whichever engine would run), or labels out of range.
         """
         self.mutation.validate(outputs)
-        _check_devices_and_batch(outputs, target)
+        check_devices_and_batch(outputs, target)
         with full_precision(outputs[0].device):
             if self.scheme == "last_layer":
                 size = self.mutation.output_size(outputs)
@@ -284,7 +264,8 @@ class LoMixLoss(nn.Module):
                 operators = self.operators if self.mutation.subsets else ()  # one map: no subset to fuse
                 stacked, unused = self.mutation.prepare(outputs), ()
             check = self.check_target if check_target is None else check_target
-            target = self._target(target, tuple(stacked.shape[-2:]), stacked.shape[0], check)
+            size, batch = tuple(stacked.shape[-2:]), stacked.shape[0]
+            target = checked_target(target, size, batch, self.num_classes, self.ignore_index, check)
             if self._per_map_loss is None:
                 per_map = self._ce_dice_maps(stacked, operators, target)
             else:
@@ -302,7 +283,8 @@ class LoMixLoss(nn.Module):
     def _ce_dice_maps(self, stacked: Tensor, operators: Sequence[str], target: Tensor) -> Tensor:
         """``(M,)`` CE + Dice of every map through the fused engine."""
         prepared = ce_dice_target(target, self.num_classes, stacked.dtype, self.ignore_index)
-        stats = lomix_ce_dice_stats(stacked, operators, self.mutation, prepared, self.memory_efficient)
+        inputs = self.mutation.engine_inputs(resolve(self.engine, stacked), stacked.dtype, operators)
+        stats = lomix_ce_dice_stats(stacked, operators, self.mutation.plan, prepared, inputs, self.memory_efficient)
         return ce_dice_from_stats(stats, prepared, self.ce_weight, self.dice_weight)
 
     def _group_loss(self, op: str, stacked: Tensor, target: Tensor) -> Tensor:
@@ -322,25 +304,5 @@ class LoMixLoss(nn.Module):
         """Summary shown in ``print(module)``."""
         return (
             f"scheme={self.scheme!r}, num_outputs={self.num_outputs}, num_classes={self.num_classes}, "
-            f"operators={list(self.operators)}, maps={self.num_maps}, loss={self.loss_name!r}"
-        )
-
-
-def _check_devices_and_batch(outputs: Sequence[Tensor], target: Tensor) -> None:
-    """One device for every output and the target, and a non-empty batch (both engines refuse B = 0 alike)."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a Tensor of class indices, got {type(target).__name__}")
-    devices = [str(out.device) for out in outputs]
-    if len(set(devices)) > 1:
-        where = ", ".join(f"P{i + 1} on {device}" for i, device in enumerate(devices))
-        raise ValueError(f"the outputs are on different devices ({where}); move them to one device")
-    if target.device != outputs[0].device:
-        raise ValueError(
-            f"the outputs are on {outputs[0].device} but the target is on {target.device}; "
-            "move the target to the outputs' device (e.g. target.to(outputs[0].device))"
-        )
-    if outputs[0].shape[0] == 0:
-        raise ValueError(
-            f"the batch is empty: the outputs have batch size 0 (P1 shape {tuple(outputs[0].shape)}); "
-            "a loss over no image is undefined; skip empty batches before the loss"
+            f"operators={list(self.operators)}, maps={self.num_maps}, loss={self.loss_name!r}, engine={self.engine!r}"
         )

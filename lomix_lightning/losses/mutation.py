@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from lomix_lightning._engine import NativeInputs, TorchInputs, pack
 from lomix_lightning._engine.batched import FuseFunction
 from lomix_lightning._engine.plan import SubsetPlan
+from lomix_lightning._engine.pytorch import DenseSlice
 from lomix_lightning.losses.precision import full_precision, fusion_dtype
 from lomix_lightning.losses.subsets import OPERATORS, enumerate_subsets, map_names, validate_operators
 from lomix_lightning.resize import resize_logits
 
-__all__ = ["CombinatorialMutation", "full_precision", "fusion_dtype", "upsample_to"]
+__all__ = ["CombinatorialMutation", "upsample_to"]
 
 _MAX_QUIET_OUTPUTS = 6
 
@@ -186,7 +189,7 @@ class CombinatorialMutation(nn.Module):
             return self._mul_index, self._mul_incidence.to(dtype)
         if op not in ("cat", "awf"):
             return None, None
-        flat, bias = self.packed_parameters(op, dtype)
+        flat, bias = pack(self.convolutions(op), dtype)  # subset by subset
         num_in = self.num_outputs * self.num_classes
         if op == "cat":
             rows = bias.shape[0]
@@ -195,18 +198,33 @@ class CombinatorialMutation(nn.Module):
         weight = flat.new_zeros(rows * num_in).index_copy(0, self._awf_index, flat).view(rows, num_in)
         return weight, bias.new_full((rows,), float("-inf")).index_copy(0, self._awf_rows, bias)
 
-    def packed_parameters(self, op: str, dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None]:
-        """The ``cat``/``awf`` convolutions as one flat weight and one flat bias (differentiable).
+    def convolutions(self, op: str) -> list[tuple[Tensor, Tensor]]:
+        """Per subset, in subset order, the ``(weight, bias)`` of ``cat``/``awf``'s 1x1 convolution (the parameters)."""
+        return [(conv.weight, conv.bias) for conv in (self.cat if op == "cat" else self.awf).values()]
 
-        Each subset's ``(rows, |S|*C, 1, 1)`` weight is flattened, in subset order: the layout of
-        :func:`lomix_lightning._engine.native.subset_layout` that the compiled kernels read. ``(None, None)`` for
-        ``add`` and ``mul``.
+    def dense_slices(self) -> tuple[DenseSlice, ...]:
+        """Per operator of :meth:`dense_block`: ``(operator, start, rows, L*C)``; its ``(rows,)`` bias follows."""
+        num_in, start, slices = self.num_outputs * self.num_classes, 0, []
+        for op in self.dense_operators:
+            rows = len(self.subsets) * (self.num_classes if op == "cat" else self.num_outputs)
+            slices.append((op, start, rows, num_in))
+            start += rows * (num_in + 1)
+        return tuple(slices)
+
+    def engine_inputs(
+        self, engine: Literal["native", "pytorch"], dtype: torch.dtype, operators: Sequence[str] | None = None
+    ) -> NativeInputs | TorchInputs:
+        """The parameters the loss engine needs to fuse ``operators`` (default: all enabled), handed to it.
+
+        ``native``: the ``cat``/``awf`` convolutions; ``pytorch``: the dense block (built only when a scored operator
+        needs it), its slices and the ``add``/``mul`` constant tables.
         """
-        if op not in ("cat", "awf"):
-            return None, None
-        convs = self.cat if op == "cat" else self.awf
-        weight = torch.cat([conv.weight.reshape(-1) for conv in convs.values()]).to(dtype)
-        return weight, torch.cat([conv.bias for conv in convs.values()]).to(dtype)
+        operators = self.operators if operators is None else tuple(operators)
+        if engine == "native":
+            return NativeInputs({op: self.convolutions(op) for op in operators if op in ("cat", "awf")})
+        block = self.dense_block(dtype) if any(op in operators for op in self.dense_operators) else None
+        tables = {op: self.dense_parameters(op, dtype) for op in operators if op in ("add", "mul")}
+        return TorchInputs(block, self.dense_slices(), tables)
 
     def validate(self, outputs: Sequence[Tensor]) -> None:
         """Check the network outputs: count, tensor type, 4-D, same batch size, ``num_classes`` channels.
