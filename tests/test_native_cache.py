@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import lomix_lightning._engine._build as native_build
+import lomix_lightning._engine._cache as native_cache
 import lomix_lightning._engine.native as native
 from lomix_lightning import LoMixLoss
 
@@ -100,7 +101,7 @@ def _plant(directory: Path, data: bytes, record: bool = True) -> None:
     name = _expected_name()
     (directory / name).write_bytes(data)
     if record:
-        (directory / f"{name}.sha256").write_bytes(native_build._record(data))
+        (directory / f"{name}.sha256").write_bytes(native_cache.record(data))
 
 
 def _loss_is_right() -> None:
@@ -352,11 +353,11 @@ def test_an_unwritable_cache_falls_back_to_a_per_user_temporary_directory(monkey
     monkeypatch.delenv("LOMIX_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "home-cache"))
     monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    first, second = native_build._cache_candidates()
+    first, second = native_cache._cache_candidates()
     assert first == tmp_path / "home-cache" / "lomix_lightning"
     assert second == tmp_path / "tmp" / f"lomix_lightning-{os.geteuid()}"
     (tmp_path / "home-cache").write_text("a file where a directory should be")  # the first cannot be created
-    fd, path, private = native_build._open_cache()
+    fd, path, private = native_cache.open_cache()
     os.close(fd)
     assert path == second and private is None and stat.S_IMODE(second.stat().st_mode) == 0o700
 
@@ -370,7 +371,7 @@ def test_a_temporary_directory_made_by_someone_else_is_refused_for_a_private_one
     squatted.mkdir(parents=True)
     squatted.chmod(0o777)  # created first by another user, open to all
     with pytest.warns(RuntimeWarning, match=f"not using the kernel cache directory '{squatted}'"):
-        fd, path, private = native_build._open_cache()
+        fd, path, private = native_cache.open_cache()
     os.close(fd)
     assert private is not None and path == Path(private) and path != squatted
     assert stat.S_IMODE(path.stat().st_mode) == 0o700
