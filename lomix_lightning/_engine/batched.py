@@ -5,8 +5,8 @@
 and the fused CE + Dice engine (:mod:`lomix_lightning._engine`); :class:`FuseFunction` wraps them for autograd.
 Each runs a few operators per subset size or per map, never one per subset (on a GPU each operator is a kernel
 launch): ``add`` is one incidence matrix product, ``mul`` one gather-and-multiply per subset size, ``cat``/``awf`` run
-their per-subset 1x1 convolutions as one block-sparse matrix product. The plain one-subset definitions they are tested
-against are in :mod:`lomix_lightning.ops.fusion`.
+their per-subset 1x1 convolutions as one block-sparse matrix product. They are tested against plain one-subset
+definitions (``tests/test_mutation.py``).
 """
 
 from __future__ import annotations

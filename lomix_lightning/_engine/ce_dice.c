@@ -2,7 +2,7 @@
  *
  * The CPU kernels of lomix_lightning/losses/ce_dice.py (ce_dice_forward / ce_dice_backward): one pass over each
  * map's logits instead of a dozen tensor operations. Plain C99, no Python or torch headers: compiled on first use
- * by lomix_lightning/native/__init__.py and loaded with ctypes. Loops over pixels are written branch-free so the
+ * by lomix_lightning/_engine/_build.py and loaded with ctypes. Loops over pixels are written branch-free so the
  * compiler vectorises them (exp and log are Cephes-style polynomials, within 2 ulp of libm).
  *
  * Layout: logits (R, C, N) row-major, R = b * K rows (image i = r / K, map k = r % K), N pixels per image;
@@ -94,7 +94,7 @@ static void softmax_block(const float *z, int64_t stride, int64_t c_count, int64
 enum { OP_IDENTITY = 0, OP_ADD = 1, OP_MUL = 2, OP_CAT = 3, OP_AWF = 4 };
 
 /* One operator group: K maps made of subsets of the L source maps of each image (mirrored by ctypes in
- * lomix_lightning/native/__init__.py; every field is 8 bytes). */
+ * lomix_lightning/_engine/native.py; every field is 8 bytes). */
 typedef struct {
     int64_t op;
     const float *src;       /* (b, L, C, N): the maps the group is made of */

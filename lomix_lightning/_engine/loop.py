@@ -3,7 +3,7 @@
 On the CPU an operator costs microseconds to launch and the work is memory-bound, so the per-subset loop (each
 product reusing its prefix's, written in place) is faster than the per-size gathers of
 :mod:`lomix_lightning._engine.batched`, which a GPU prefers (few kernel launches). Same layouts and results; the tests
-compare both with the one-subset definitions of :mod:`lomix_lightning.ops.fusion`.
+compare both with plain one-subset definitions (``tests/test_mutation.py``).
 """
 
 from __future__ import annotations

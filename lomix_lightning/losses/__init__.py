@@ -1,4 +1,9 @@
-"""Per-map segmentation losses."""
+"""The LoMix loss core: ``lomix.py`` (LoMixLoss), ``mutation.py`` (CombinatorialMutation), ``weighting.py``,
+``subsets.py``, ``precision.py``, ``checks.py``, and the per-map losses exported here.
+
+Import the first ones from :mod:`lomix_lightning` (``from lomix_lightning import LoMixLoss``): this package stays free
+of them so that the engine (:mod:`lomix_lightning._engine`) can use the per-map losses' math without an import circle.
+"""
 
 from lomix_lightning.losses.ce_dice import CEDiceLoss, ce_dice_loss
 from lomix_lightning.losses.structure import StructureLoss, boundary_weight, structure_loss
