@@ -47,4 +47,5 @@ def test_pre_renovation_cli_checkpoint_tests_from_the_command_line(tmp_path: Pat
         "--data.init_args.batch_size=2",
     ]
     args = ["test", "--ckpt_path", str(ASSETS / "pre_app_cli.ckpt"), *data, "--trainer.callbacks=[]"]
-    assert main([*args, f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]) == 0
+    where = [f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    assert main([*args, *where]) == 0
