@@ -20,7 +20,7 @@ from typing_extensions import override
 
 from lomix_lightning._config import instantiate_network, network_config
 from lomix_lightning.errors import LomixUserError, LomixUserTypeError
-from lomix_lightning.export import (
+from lomix_lightning.inference import (
     InferenceOutput,
     PredictionNetwork,
     as_output_list,

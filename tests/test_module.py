@@ -10,7 +10,7 @@ from torch import nn
 
 from lomix_lightning import LoMixSegmentationModule
 from lomix_lightning.data import SyntheticShapesDataModule
-from lomix_lightning.export import count_parameters
+from lomix_lightning.inference import count_parameters
 from lomix_lightning.models import UNet
 
 

@@ -20,8 +20,8 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lomix_lightning._checkpoint import read_checkpoint
-from lomix_lightning._cli_errors import summarize_error
 from lomix_lightning.callbacks.interrupt import EXIT_CODES, InterruptCheckpoint
+from lomix_lightning.cli.errors import summarize_error
 from lomix_lightning.errors import LomixUserError
 
 DEMO_MODEL: dict[str, Any] = {
@@ -349,15 +349,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args[0] if args else None
     try:
         if command == "export":
-            from lomix_lightning.cli_export import export_main
+            from lomix_lightning.cli.export import export_main
 
             return export_main(args[1:])
         if command == "prepare-synapse":
-            from lomix_lightning.cli_prepare import prepare_synapse_main
+            from lomix_lightning.cli.prepare_synapse import prepare_synapse_main
 
             return prepare_synapse_main(args[1:])
         if command == "compare":
-            from lomix_lightning.compare import compare_main
+            from lomix_lightning.cli.compare import compare_main
 
             return compare_main(args[1:])
         if not args or args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
