@@ -218,7 +218,8 @@ class InputChecks(pl.LightningModule):
     """Base class of :class:`~lomix_lightning.LoMixSegmentationModule`: its batch and label checks.
 
     Labels are checked on the host in ``on_before_batch_transfer`` (no device read); a step whose batch was not
-    checked there (a datamodule that overrides the hook, a direct call) checks them itself.
+    checked there (a datamodule that overrides the hook, a direct call) checks them itself. An empty training set
+    and a checkpoint of another class count are refused in one line.
     """
 
     _host_checked = False  # the current batch's labels were checked before the transfer
@@ -254,3 +255,20 @@ class InputChecks(pl.LightningModule):
         """Whether :meth:`on_before_batch_transfer` checked the current batch (a datamodule may override it)."""
         checked, self._host_checked = self._host_checked, False
         return checked
+
+    @override
+    def on_fit_end(self) -> None:
+        trainer = self.trainer
+        if trainer.limit_train_batches != 0 and trainer.num_training_batches == 0:
+            loader = describe_loader(trainer.train_dataloader)
+            raise LomixUserError(f"the training set is empty: the train dataloader yields no batch ({loader})")
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
+        if isinstance(saved, int) and saved != self.num_classes:
+            raise LomixUserError(
+                f"the checkpoint was trained with num_classes={saved} but this model has num_classes={self.num_classes}"
+                f"; build the model with num_classes={saved}"
+            )
+        super().on_load_checkpoint(checkpoint)

@@ -2,15 +2,17 @@
 
 :class:`SegmentationEvaluator` scores only the model's prediction (its ``forward``): pooled per-class Dice and IoU
 plus the mean HD95 in validation, and per case in test (each image is a case; a whole volume is a case, predicted
-slice by slice as in the Synapse/ACDC protocol). The module holds one as ``evaluator``; another test protocol (e.g.
+slice by slice as in the Synapse/ACDC protocol). :class:`~lomix_lightning.LoMixSegmentationModule` holds one as
+``evaluator`` and passes itself as ``model`` (its ``forward``, ``checked_batch``, ``log``); another test protocol (e.g.
 sliding-window 3-D inference) replaces :meth:`SegmentationEvaluator.test_case` in a subclass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -22,9 +24,6 @@ from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
 from lomix_lightning.metrics.summary import print_metrics_table
 from lomix_lightning.metrics.volume import evaluate_volume, predict_volume
 from lomix_lightning.resize import resize_logits
-
-if TYPE_CHECKING:
-    from lomix_lightning.module import LoMixSegmentationModule
 
 __all__ = ["SegmentationEvaluator", "is_volume", "predict_labels"]
 
@@ -85,19 +84,19 @@ class SegmentationEvaluator(nn.Module):
         self.test_case_results: dict[str, np.ndarray] = {}  # per-case arrays of the last test, (cases, classes)
 
     # ------------------------------------------------------------------ validation
-    def validation_step(self, model: LoMixSegmentationModule, batch: Mapping[str, Tensor]) -> None:
+    def validation_step(self, model: pl.LightningModule, batch: Mapping[str, Tensor]) -> None:
         """Add a batch's prediction to the pooled validation scores."""
         image, mask = model.checked_batch(batch, "validation")
         logits = resize_logits(model(image), mask.shape[-2:])
         self.val_scores.update(predict_labels(logits), mask.long())
 
-    def validation_epoch_end(self, model: LoMixSegmentationModule) -> None:
+    def validation_epoch_end(self, model: pl.LightningModule) -> None:
         """Log ``val/dice`` (and per class), ``val/iou``, ``val/hd95``; reset."""
         self.log_scores(model, "val", self.val_scores.compute())
         self.val_scores.reset()
 
     # ------------------------------------------------------------------ test: one case at a time
-    def test_step(self, model: LoMixSegmentationModule, batch: Mapping[str, Any]) -> None:
+    def test_step(self, model: pl.LightningModule, batch: Mapping[str, Any]) -> None:
         """Score every case of the batch (see :meth:`test_case`)."""
         for case in self.test_case(model, batch):
             self.test_cases.update(case)
@@ -129,7 +128,7 @@ class SegmentationEvaluator(nn.Module):
         pairs = zip(pred.cpu().numpy(), mask.cpu().numpy())
         return [per_class_metrics(p, t, self.num_scored, rule=self.rule) for p, t in pairs]
 
-    def test_epoch_end(self, model: LoMixSegmentationModule) -> None:
+    def test_epoch_end(self, model: pl.LightningModule) -> None:
         """Log the means over cases, keep the per-case arrays in :attr:`test_case_results`, print the table."""
         summary = self.test_cases.compute()
         self.test_case_results = {k[4:]: summary.pop(k).cpu().numpy() for k in list(summary) if k.startswith("all_")}
@@ -142,7 +141,7 @@ class SegmentationEvaluator(nn.Module):
         self.test_cases.reset()
 
     # ------------------------------------------------------------------ prediction
-    def predict_step(self, model: LoMixSegmentationModule, batch: Mapping[str, Tensor] | Tensor) -> Tensor:
+    def predict_step(self, model: pl.LightningModule, batch: Mapping[str, Tensor] | Tensor) -> Tensor:
         """Label maps ``(B, H, W)``, or ``(1, D, H, W)`` for a whole volume (slice by slice, as in testing)."""
         if is_volume(batch):
             return predict_volume(model, batch["image"], img_size=self.volume_img_size(model))[None]
@@ -161,7 +160,7 @@ class SegmentationEvaluator(nn.Module):
         return size
 
     # ------------------------------------------------------------------ logging
-    def log_scores(self, model: LoMixSegmentationModule, stage: str, scores: Mapping[str, Tensor]) -> None:
+    def log_scores(self, model: pl.LightningModule, stage: str, scores: Mapping[str, Tensor]) -> None:
         """Log ``{stage}/dice`` (progress bar), means and per-class values of Dice, IoU (test) and HD95."""
         names = self.class_names[1:]
         metrics: dict[str, Tensor] = {}

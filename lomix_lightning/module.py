@@ -261,23 +261,6 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
         for logger in self.loggers:
             logger.log_hyperparams({"engine": self.engine})
 
-    @override
-    def on_fit_end(self) -> None:
-        trainer = self.trainer
-        if trainer.limit_train_batches != 0 and trainer.num_training_batches == 0:
-            loader = checks.describe_loader(trainer.train_dataloader)
-            raise LomixUserError(f"the training set is empty: the train dataloader yields no batch ({loader})")
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        saved = checkpoint.get("hyper_parameters", {}).get("num_classes")
-        if isinstance(saved, int) and saved != self.num_classes:
-            raise LomixUserError(
-                f"the checkpoint was trained with num_classes={saved} but this model has num_classes={self.num_classes}"
-                f"; build the model with num_classes={saved}"
-            )
-        super().on_load_checkpoint(checkpoint)
-
     # ------------------------------------------------------------------ evaluation: see evaluation.py
     @override
     def validation_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> None:
