@@ -1,4 +1,7 @@
-"""The exported prediction path: the network's final map (or the sum of all maps) at the input resolution."""
+"""A network's outputs: as a list, counted (a meta-device dry run), and the prediction path that is exported.
+
+The prediction is the network's final map (or the sum of all maps) at the input resolution.
+"""
 
 from __future__ import annotations
 
@@ -117,18 +120,16 @@ def count_outputs(network: nn.Module, sizes: Sequence[int] = (224, 256)) -> int 
     network.eval()
     try:
         for size in sizes:
-            try:  # any failure only means "not on the meta device": the real batch decides (and raises what it raises)
+            image = torch.empty(1, channels, size, size, device="meta")
+            try:  # a failure only means "not on the meta device": the real batch decides (and raises its own error)
                 with torch.no_grad():
-                    outputs = torch.func.functional_call(
-                        network, state, (torch.empty(1, channels, size, size, device="meta"),)
-                    )
-            except Exception:  # noqa: BLE001, S112
+                    outputs = torch.func.functional_call(network, state, (image,))
+            except Exception:  # noqa: BLE001
                 continue
-            if isinstance(outputs, Tensor) or (
-                isinstance(outputs, (list, tuple)) and outputs and all(isinstance(o, Tensor) for o in outputs)
-            ):
-                return 1 if isinstance(outputs, Tensor) else len(outputs)
-            return None
+            try:
+                return len(as_output_list(outputs))
+            except LomixUserTypeError:  # not maps: the real batch says so in the module's words
+                return None
         return None
     finally:
         network.train(was_training)
