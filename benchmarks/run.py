@@ -38,7 +38,7 @@ from reference_loop import ReferenceLoopLoss  # noqa: E402
 
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule  # noqa: E402
 from lomix_lightning._engine.native import library  # noqa: E402
-from lomix_lightning.export import as_output_list, resize_logits  # noqa: E402
+from lomix_lightning.inference import as_output_list, resize_logits  # noqa: E402
 from lomix_lightning.models import MultiScaleSMP  # noqa: E402
 from lomix_lightning.profiling import OpCounter  # noqa: E402
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import wilcoxon
 
-from lomix_lightning.compare import RunResult, compare_main, run_comparison, summarise
+from lomix_lightning.cli.compare import RunResult, compare_main, run_comparison, summarise
 
 TINY = [
     "--trainer.max_epochs=1",

@@ -10,7 +10,7 @@ from torch import nn
 
 from lomix_lightning import LoMixSegmentationModule
 from lomix_lightning.data import SyntheticShapesDataModule
-from lomix_lightning.export import count_parameters
+from lomix_lightning.inference import count_parameters
 from lomix_lightning.models import UNet
 
 
@@ -152,8 +152,24 @@ def test_single_tensor_network():
         LoMixSegmentationModule(SingleMapNet(), 3, num_outputs=1)
 
 
+class DataDependentNet(TwoMapNet):
+    """A network the meta device cannot run (it reads a value): its maps are counted on a batch in setup."""
+
+    def forward(self, x):
+        if float(x.mean()) > 1e9:
+            raise AssertionError("unreachable")
+        return super().forward(x)
+
+
+def test_number_of_outputs_from_a_meta_dry_run_in_init():
+    model = LoMixSegmentationModule(TwoMapNet(), 3)  # no num_outputs attribute: counted on the meta device
+    assert model.num_outputs == 2 and model.hparams.num_outputs == 2
+    assert model.criterion.num_maps == 2 + 4 * 1
+    assert all(p.device.type == "cpu" for p in model.parameters())  # the dry run left the real weights alone
+
+
 def test_number_of_outputs_from_a_dry_run(tmp_path):
-    model = LoMixSegmentationModule(TwoMapNet(), 3)
+    model = LoMixSegmentationModule(DataDependentNet(), 3)
     assert model.criterion is None
     trainer = _trainer(tmp_path)
     trainer.fit(model, _data(in_channels=1))

@@ -14,9 +14,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule
-from lomix_lightning._cli_errors import summarize_error
 from lomix_lightning.callbacks import InterruptCheckpoint
 from lomix_lightning.cli import LoMixCLI, main
+from lomix_lightning.cli.errors import summarize_error
 from lomix_lightning.data import SyntheticShapesDataModule
 from lomix_lightning.losses.mutation import CombinatorialMutation
 from lomix_lightning.models import UNet

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import wilcoxon
 
-from lomix_lightning._cli_errors import OneLineArgumentParser
+from lomix_lightning.cli.errors import OneLineArgumentParser
 from lomix_lightning.errors import LomixUserError
 
 SCHEME_ORDER = ("last_layer", "deep_supervision", "mutation", "lomix")
@@ -46,7 +46,7 @@ def run_dir(output: Path, scheme: str, seed: int, fraction: float | None) -> Pat
 def _fit_and_test(
     config: str | None, scheme: str, seed: int, fraction: float | None, directory: Path, extra: Sequence[str]
 ) -> RunResult:
-    from lomix_lightning.cli import LoMixCLI
+    from lomix_lightning.cli.lightning import LoMixCLI
 
     callbacks = [
         {

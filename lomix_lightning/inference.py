@@ -1,4 +1,7 @@
-"""The exported prediction path: the network's final map (or the sum of all maps) at the input resolution."""
+"""A network's outputs: as a list, counted (a meta-device dry run), and the prediction path that is exported.
+
+The prediction is the network's final map (or the sum of all maps) at the input resolution.
+"""
 
 from __future__ import annotations
 
@@ -87,3 +90,46 @@ def prediction_core(network: nn.Module, mode: InferenceOutput) -> nn.Module:
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters of ``module`` (shared parameters counted once)."""
     return sum(p.numel() for p in module.parameters())
+
+
+def count_outputs(network: nn.Module, sizes: Sequence[int] = (224, 256)) -> int | None:
+    """The number of maps ``network`` returns, from a dry run on the meta device (no memory, no arithmetic).
+
+    The parameters and buffers are replaced by meta tensors of their shapes (``torch.func.functional_call``) and
+    the network runs in eval mode on a meta image ``(1, C_in, s, s)``; ``C_in`` is ``network.in_channels`` or the
+    ``in_channels`` of its first submodule that has one, ``s`` each of ``sizes`` in turn. A network that cannot run
+    on the meta device (data-dependent control flow, tensors made on another device, an unknown input size) gives
+    ``None``: the caller then counts the maps on a real batch, where a real error is raised as such.
+
+    Example:
+        >>> from lomix_lightning.models import UNet
+        >>> count_outputs(UNet(in_channels=1, num_classes=2, base_channels=4, depth=3))
+        3
+        >>> count_outputs(nn.Identity()) is None  # no in_channels to build an input from
+        True
+    """
+    channels = getattr(network, "in_channels", None)
+    if not isinstance(channels, int):
+        channels = next(
+            (m.in_channels for m in network.modules() if isinstance(getattr(m, "in_channels", None), int)), None
+        )
+    if not isinstance(channels, int):
+        return None
+    state = {name: t.to("meta") for name, t in (*network.named_parameters(), *network.named_buffers())}
+    was_training = network.training
+    network.eval()
+    try:
+        for size in sizes:
+            image = torch.empty(1, channels, size, size, device="meta")
+            try:  # a failure only means "not on the meta device": the real batch decides (and raises its own error)
+                with torch.no_grad():
+                    outputs = torch.func.functional_call(network, state, (image,))
+            except Exception:  # noqa: BLE001
+                continue
+            try:
+                return len(as_output_list(outputs))
+            except LomixUserTypeError:  # not maps: the real batch says so in the module's words
+                return None
+        return None
+    finally:
+        network.train(was_training)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lomix_lightning._checkpoint import read_checkpoint
-from lomix_lightning._cli_errors import OneLineArgumentParser
+from lomix_lightning.cli.errors import OneLineArgumentParser
 from lomix_lightning.errors import LomixUserError
 
 ExportFormat = Literal["export", "torchscript", "state_dict"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from lomix_lightning._cli_errors import OneLineArgumentParser
+from lomix_lightning.cli.errors import OneLineArgumentParser
 
 
 def prepare_synapse_main(argv: Sequence[str]) -> int:

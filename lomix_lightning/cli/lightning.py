@@ -1,27 +1,18 @@
-"""The ``lomix`` command: LightningCLI (fit, validate, test, predict) plus export, prepare-synapse and compare."""
+"""``LoMixCLI``: the LightningCLI of ``lomix fit|validate|test|predict`` (demo defaults, linked class counts)."""
 
 from __future__ import annotations
 
-import os
 import re
 import sys
-import traceback
-import warnings
-from collections.abc import Sequence
 from pathlib import Path
-from pickle import UnpicklingError
 from typing import Any
 
 import lightning.pytorch as pl
 import yaml
-from jsonargparse import ArgumentError
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lomix_lightning._checkpoint import read_checkpoint
-from lomix_lightning._cli_errors import summarize_error
-from lomix_lightning.callbacks.interrupt import EXIT_CODES, InterruptCheckpoint
+from lomix_lightning.callbacks.interrupt import InterruptCheckpoint
 from lomix_lightning.errors import LomixUserError
 
 DEMO_MODEL: dict[str, Any] = {
@@ -171,7 +162,12 @@ class LoMixCLI(LightningCLI):
         model = self.config_dump.get("model") if isinstance(self.config_dump, dict) else None
         network = model.get("init_args", {}).get("network") if isinstance(model, dict) else None
         if isinstance(network, dict) and "class_path" in network:
-            network.setdefault("init_args", {})
+            init_args = network.setdefault("init_args", {})
+            # the dump leaves out the target of the link model.num_classes -> network num_classes; the module keeps
+            # this dump as its hyper-parameters, from which a checkpoint rebuilds the network: write the link here
+            num_classes = model["init_args"].get("num_classes")
+            if isinstance(num_classes, int):
+                init_args.setdefault("num_classes", num_classes)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         """The configured Trainer plus an :class:`InterruptCheckpoint` (SIGTERM / Ctrl-C save a checkpoint)."""
@@ -231,154 +227,3 @@ def _check_config_file(path: Path) -> None:
             f"config file {str(path)!r} must hold a mapping of options (trainer:, model:, data:, ...), "
             f"got a {type(config).__name__}"
         )
-
-
-TRACEBACK_ENV = "LOMIX_TRACEBACK"
-"""Set this environment variable to 1 to see the traceback of any error (``LOMIX_TRACEBACK=1 lomix fit ...``)."""
-
-_USER_ERRORS: tuple[type[BaseException], ...] = (
-    LomixUserError,  # our own checks of arguments, files and data
-    ArgumentError,  # jsonargparse: a bad flag, value or config file
-    MisconfigurationException,  # Lightning: options that do not go together
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-    UnpicklingError,  # torch.load(weights_only=True) of a file that needs unpickling
-    FloatingPointError,  # the training diverged (non-finite loss); the message says what to do
-)
-"""Exceptions that are the user's to fix: printed as one line, exit status 2. Anything else is an internal error."""
-
-_LIBRARY_USER_MESSAGES = (("but got num_samples=0", "a shuffled DataLoader got an empty dataset"),)
-"""ValueErrors of dependencies that are the user's to fix: (text in the message, what it means in plain words)."""
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) or 0)
-
-
-def _error(message: str, code: int = 2, label: str = "error") -> int:
-    rank = _rank()
-    where = f"lomix (rank {rank})" if rank else "lomix"
-    print(f"{where}: {label}: {' '.join(str(message).split())}", file=sys.stderr)
-    return code
-
-
-def _worker_message(message: str) -> str:
-    """The original message of an exception that a DataLoader worker re-raised with its traceback as the text."""
-    if "Original Traceback" not in message:
-        return message
-    last = [line for line in message.splitlines() if line.strip()][-1]
-    return re.sub(r"^[\w.]+(Error|Exception): ", "", last.strip())
-
-
-def user_error_message(error: BaseException) -> str | None:
-    """The one-line message of a user's mistake, or ``None`` when ``error`` is an internal error.
-
-    Example:
-        >>> user_error_message(LomixUserError("`batch_size` must be an integer >= 1, got 0"))
-        '`batch_size` must be an integer >= 1, got 0'
-        >>> user_error_message(TypeError("len() of unsized object")) is None
-        True
-        >>> try:  # jsonargparse re-raises what a class's __init__ raised as a ValueError "from" it
-        ...     try:
-        ...         raise LomixUserError("`encoder_name` 'x' is not a timm model")
-        ...     except LomixUserError as error:
-        ...         raise ValueError("Does not validate against any of the Union subtypes") from error
-        ... except ValueError as wrapped:
-        ...     user_error_message(wrapped)
-        "`encoder_name` 'x' is not a timm model"
-    """
-    cause = None if isinstance(error, _USER_ERRORS) else error.__cause__
-    while cause is not None:  # jsonargparse wraps an exception of a class's __init__ in a ValueError "from" it
-        if isinstance(cause, _USER_ERRORS):
-            return user_error_message(cause)
-        cause = cause.__cause__
-    message = _worker_message(str(error))
-    if isinstance(error, FloatingPointError):
-        return f"FloatingPointError: {message}"
-    if isinstance(error, _USER_ERRORS):
-        return summarize_error(message)
-    if isinstance(error, ValueError):
-        hint = next((hint for needle, hint in _LIBRARY_USER_MESSAGES if needle in message), None)
-        if hint is not None:
-            return f"{hint} ({summarize_error(message)})"
-    return None
-
-
-def _report(error: BaseException) -> int:
-    """One line for ``error``: a user error (exit 2) or an internal error (exit 1); the traceback on request."""
-    if os.environ.get(TRACEBACK_ENV, "").strip() not in ("", "0"):
-        traceback.print_exception(error, file=sys.stderr)
-    message = user_error_message(error)
-    if message is not None:
-        return _error(message)
-    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
-    return _error(
-        f"{type(error).__name__}{': ' + first if first else ''} (no known input mistake: a bug in lomix-lightning, "
-        f"a library, or your own network or data code; rerun with {TRACEBACK_ENV}=1 to see the traceback)",
-        code=1,
-        label="internal error",
-    )
-
-
-def _interrupted(error: SIGTERMException) -> int:
-    record = getattr(error, "lomix_interrupt", None)
-    if record is None:
-        return _error("interrupted (SIGTERM)", EXIT_CODES["SIGTERM"], "stopped")
-    if not record.is_global_zero:
-        return record.exit_code
-    print(f"lomix: {record.message()}", file=sys.stderr)
-    return record.exit_code
-
-
-def _run_cli(args: list[str]) -> None:
-    with warnings.catch_warnings():  # main() hands over sys.argv itself: that is no mistake
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        LoMixCLI(args=args, parser_kwargs={"prog": "lomix", "exit_on_error": False})
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``lomix`` console script.
-
-    A user's mistake (a bad flag or value, a missing or unreadable file, wrong data) is one line
-    ``lomix: error: ...`` and exit status 2; any other failure is one line ``lomix: internal error: ...`` and exit
-    status 1. ``LOMIX_TRACEBACK=1`` prints the traceback before that line.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    command = args[0] if args else None
-    try:
-        if command == "export":
-            from lomix_lightning.cli_export import export_main
-
-            return export_main(args[1:])
-        if command == "prepare-synapse":
-            from lomix_lightning.cli_prepare import prepare_synapse_main
-
-            return prepare_synapse_main(args[1:])
-        if command == "compare":
-            from lomix_lightning.compare import compare_main
-
-            return compare_main(args[1:])
-        if not args or args[0].startswith("-") and args[0] not in ("-h", "--help", "--version"):
-            args = ["fit", *args]  # `lomix` alone trains the demo
-        _run_cli(args)
-    except SIGTERMException as error:  # SIGTERM, or a first Ctrl-C during fit (InterruptCheckpoint)
-        return _interrupted(error)
-    except SystemExit as error:
-        if isinstance(error.__context__, KeyboardInterrupt):  # Lightning exits 1 on a KeyboardInterrupt
-            return _aborted()
-        raise
-    except KeyboardInterrupt:
-        return _aborted()
-    except Exception as error:  # noqa: BLE001 - every error ends in one line; user or internal is decided there
-        return _report(error)
-    return 0
-
-
-def _aborted() -> int:
-    return _error("aborted by Ctrl-C; the last epoch checkpoint (if any) is in the run directory", 130, "stopped")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
