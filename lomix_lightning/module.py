@@ -61,7 +61,9 @@ class LoMixSegmentationModule(pl.LightningModule):
         num_classes: Number of classes ``C`` (1 for binary segmentation with ``loss="structure"``).
         supervision: ``last_layer``, ``deep_supervision``, ``mutation`` (MERIT/EMCAD) or ``lomix``.
         operators: Override the scheme's fusion operators (e.g. ``["mul"]`` for a single-operator ablation).
-        weighting: Override the scheme's weighting: ``learned`` (softplus) or ``fixed`` (1).
+        weighting: Override the scheme's weighting: ``learned`` (softplus), ``fixed`` (1), ``aligned`` (from the
+            alignment of each map's gradient with the inference map's, probed in :meth:`training_step`) or
+            ``uncertainty`` (Kendall et al. 2018).
         loss: Per-map loss, ``ce_dice`` (multi-class) or ``structure`` (binary).
         ce_weight: Cross-entropy coefficient of ``ce_dice`` (paper: 0.3).
         dice_weight: Dice coefficient of ``ce_dice`` (paper: 0.7).
@@ -371,7 +373,34 @@ class LoMixSegmentationModule(pl.LightningModule):
         self.log(
             "train/loss_mutant", result.mutant, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True
         )
+        self._probe_weighting(image, mask)
         return result.total
+
+    # ------------------------------------------------------------------ probing weightings (aligned)
+    def _probe_weighting(self, image: Tensor, mask: Tensor) -> None:
+        """Let a weighting that measures gradients (``aligned``) probe this batch; it changes no state of ours."""
+        probe = getattr(self.criterion.weighting, "maybe_probe", None)
+        if probe is not None:
+            probe(self.network, image, lambda raw: self._probe_losses(raw, mask), reduce=self._sum_over_ranks)
+
+    def _probe_losses(self, raw: Any, mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The main loss (the map used at inference: ``PL``, or the sum of the maps) and the ``(M,)`` per-map losses."""
+        size = mask.shape[-2:]
+        with full_precision(mask.device):
+            outputs = [resize_logits(o.to(fusion_dtype(o.dtype)), size) for o in as_output_list(raw)]
+        per_map = self.criterion(outputs, mask, check_target=False).per_map
+        if self.hparams.inference_output == "last":
+            return per_map[self.criterion.map_names.index(f"P{len(outputs)}")], per_map
+        main_loss = self.__dict__.get("_main_loss")  # a plain attribute: no submodule, nothing in the state dict
+        if main_loss is None:
+            hp = self.hparams
+            main_loss = LoMixLoss(
+                1, self.num_classes, scheme="last_layer", weighting="fixed", loss=hp.loss, ce_weight=hp.ce_weight,
+                dice_weight=hp.dice_weight, ignore_index=hp.ignore_index,
+            )  # fmt: skip
+            self.__dict__["_main_loss"] = main_loss
+        main_loss.to(mask.device)
+        return main_loss([combine_outputs(outputs, size, "sum")], mask, check_target=False).total, per_map
 
     # ------------------------------------------------------------------ non-finite losses
     def _defer_nonfinite_check(self) -> bool:
