@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reference_loop import ReferenceLoopLoss  # noqa: E402
 
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule  # noqa: E402
+from lomix_lightning.aligned import AlignedWeighting  # noqa: E402
 from lomix_lightning.export import as_output_list, resize_logits  # noqa: E402
 from lomix_lightning.models import MultiScaleSMP  # noqa: E402
 from lomix_lightning.native import library  # noqa: E402
@@ -105,12 +106,14 @@ def bench_loss(args: argparse.Namespace, device: torch.device) -> dict:
     return {name: statistics.median(t) for name, t in times.items()} | {"_raw": times}
 
 
-def build_module(scheme: str, args: argparse.Namespace, memory_efficient: bool = False) -> LoMixSegmentationModule:
+def build_module(
+    scheme: str, args: argparse.Namespace, memory_efficient: bool = False, weighting: str | None = None
+) -> LoMixSegmentationModule:
     """The module under test: MultiScaleSMP Unet-resnet18 (random weights) with one supervision scheme."""
     torch.manual_seed(0)
     net = MultiScaleSMP("Unet", "resnet18", None, num_classes=args.classes, in_channels=1, num_outputs=4)
     module = LoMixSegmentationModule(
-        net, args.classes, supervision=scheme, hd95=False, memory_efficient=memory_efficient
+        net, args.classes, supervision=scheme, weighting=weighting, hd95=False, memory_efficient=memory_efficient
     )
     module.criterion.check_target = False
     return module
@@ -217,6 +220,45 @@ def bench_module_steps(args: argparse.Namespace, device: torch.device) -> dict:
             torch.cuda.empty_cache()
         result["cuda_max_memory_allocated"] = peaks
     return result
+
+
+def bench_weightings(args: argparse.Namespace, device: torch.device) -> dict:
+    """Seconds per module training step (+ backward + optimizer) of ``lomix`` with ``learned`` and ``aligned`` weights.
+
+    The ``aligned`` step probes once every ``every`` steps (its default), so one timed call is ``every`` steps of
+    each (a whole probe period, the probe included) and the per-step time is that over ``every``. The probe step
+    alone (one probe + one step) is timed too.
+    """
+    every = AlignedWeighting(1).every
+    modules = {name: build_module("lomix", args, weighting=name) for name in ("learned", "aligned")}
+    steps = {name: make_module_step(module, args, device) for name, module in modules.items()}
+
+    def period(step: Callable[[], None]) -> Callable[[], None]:
+        def fn() -> None:
+            for _ in range(every):
+                step()
+
+        return fn
+
+    times = interleaved({name: period(step) for name, step in steps.items()}, args.rounds_weighting, device)
+    seconds = {name: statistics.median(t) / every for name, t in times.items()}
+    aligned = modules["aligned"].criterion.weighting
+    probe_times = []
+    for _ in range(args.rounds_weighting):  # a step that probes: the counter set so that the next call probes
+        aligned.steps.fill_(0)
+        _sync(device)
+        start = time.perf_counter()
+        steps["aligned"]()
+        _sync(device)
+        probe_times.append(time.perf_counter() - start)
+    return {
+        "every": every,
+        "seconds_per_step": seconds,
+        "aligned_probe_step_s": statistics.median(probe_times),
+        "aligned_over_learned": seconds["aligned"] / seconds["learned"],
+        "spread_of_aligned_weights": float(aligned().max() - aligned().min()),
+        "_raw": times,
+    }
 
 
 def step_configs() -> list[tuple[str, str, bool]]:
@@ -353,6 +395,7 @@ def summarize(result: dict) -> dict:
         "memory_lomix_memory_efficient_over_deep_supervision": memory["lomix memory_efficient=True"]
         / memory["deep_supervision"],
         "module_step_lomix_over_deep_supervision": result["module_step"]["lomix_over_deep_supervision"],
+        "module_step_aligned_over_learned": result["weighting_step"]["aligned_over_learned"],
         "export_latency_ratio": export["exported_s"] / export["bare_s"],
         "export_params_ratio": export["exported_params"] / export["bare_params"],
     }
@@ -386,6 +429,14 @@ def print_table(result: dict) -> None:
             f"{seconds:.3f} s",
             f"{seconds / module['seconds']['deep_supervision']:.2f}x deep supervision",
         )
+    weighting = result["weighting_step"]
+    for name, seconds in weighting["seconds_per_step"].items():
+        every = f", probe every {weighting['every']} steps" if name == "aligned" else ""
+        table.add_row(
+            f"module training_step: lomix, weighting={name}{every}",
+            f"{seconds:.3f} s",
+            f"{seconds / weighting['seconds_per_step']['learned']:.2f}x learned",
+        )
     for name, peak in memory.items():
         table.add_row(f"peak memory: {name}", f"{peak / 2**20:.0f} MiB", f"{peak / ds_mem:.2f}x deep supervision")
     export = result["export"]
@@ -410,12 +461,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds-loss", type=int, default=5)
     parser.add_argument("--rounds-step", type=int, default=5)
     parser.add_argument("--rounds-export", type=int, default=10)
+    parser.add_argument("--rounds-weighting", type=int, default=5, help="rounds of a whole aligned probe period")
+    parser.add_argument("--only-weighting", action="store_true", help="measure only the learned vs aligned step")
     parser.add_argument("--wait-quiet", type=float, default=None, help="wait for a 1-min load average below this")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     parser.add_argument("--quick", action="store_true", help="3 rounds of everything (a first run on a new machine)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds_loss = args.rounds_step = args.rounds_export = 3
+        args.rounds_loss = args.rounds_step = args.rounds_export = args.rounds_weighting = 3
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.probe is not None:
@@ -423,12 +476,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     result: dict = {"machine": machine(device), "config": vars(args) | {"output": str(args.output)}}
+    if args.only_weighting:
+        result["weighting_step"] = bench_weightings(args, device)
+        print(json.dumps({k: v for k, v in result["weighting_step"].items() if k != "_raw"}, indent=2))
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(result, indent=2))
+        return 0
     wait_quiet(args.wait_quiet)
     result["loss_s"] = bench_loss(args, device)
     wait_quiet(args.wait_quiet)
     result["step_s"] = bench_steps(args, device)
     wait_quiet(args.wait_quiet)
     result["module_step"] = bench_module_steps(args, device)
+    wait_quiet(args.wait_quiet)
+    result["weighting_step"] = bench_weightings(args, device)
     result["peak_memory_bytes"] = bench_memory(args)
     wait_quiet(args.wait_quiet)
     result["export"] = bench_export(args, device)
