@@ -5,11 +5,18 @@ from lomix_lightning.losses import CEDiceLoss, StructureLoss, ce_dice_loss, stru
 from lomix_lightning.module import LoMixSegmentationModule
 from lomix_lightning.mutation import CombinatorialMutation
 from lomix_lightning.ops import OPERATORS, enumerate_subsets, map_family, map_names
-from lomix_lightning.weighting import FixedWeighting, LossWeighting, SoftplusWeighting
+from lomix_lightning.weighting import (  # the weightings beyond the paper live in aligned.py and uncertainty.py
+    AlignedWeighting,
+    FixedWeighting,
+    LossWeighting,
+    SoftplusWeighting,
+    UncertaintyWeighting,
+)
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AlignedWeighting",
     "CEDiceLoss",
     "CombinatorialMutation",
     "FixedWeighting",
@@ -21,6 +28,7 @@ __all__ = [
     "SCHEMES",
     "SoftplusWeighting",
     "StructureLoss",
+    "UncertaintyWeighting",
     "__version__",
     "ce_dice_loss",
     "enumerate_subsets",
