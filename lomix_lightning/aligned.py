@@ -133,6 +133,7 @@ class AlignedWeighting(LossWeighting):
         self.register_buffer("alignment", torch.zeros(num_maps))  # the last probe's a
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # calls of maybe_probe
         self.register_buffer("probes", torch.zeros((), dtype=torch.long))  # probes that updated the state
+        self._host_steps: int | None = None  # ``steps`` on the host: read once, so a step without probe reads nothing
 
     def forward(self) -> Tensor:
         """The ``(M,)`` weights ``base * (1 + s)``."""
@@ -153,7 +154,8 @@ class AlignedWeighting(LossWeighting):
         Raises:
             ValueError: If ``losses`` returns other than a scalar and ``M`` losses.
         """
-        step = int(self.steps)
+        step = int(self.steps) if self._host_steps is None else self._host_steps
+        self._host_steps = step + 1
         self.steps += 1
         if step % self.every != 0:
             return False
@@ -213,6 +215,10 @@ class AlignedWeighting(LossWeighting):
                 f"{tuple(main.shape)} and {tuple(per_map.shape)}"
             )
         return main.reshape(()), per_map
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._host_steps = None  # a loaded counter is read again at the next call
 
     def extra_repr(self) -> str:
         """Summary shown in ``print(module)``."""
