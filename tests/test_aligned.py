@@ -1,6 +1,7 @@
 """Gradient-aligned weighting: toy behaviour against the paper's learned weights, the probe's exactness and purity."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -204,3 +205,24 @@ def test_one_cli_fit_step_with_aligned_weights(tmp_path, monkeypatch):
     assert int(weighting.steps) == 1 and int(weighting.probes) == 1  # the first step probes
     assert not torch.equal(weighting.alignment, torch.zeros_like(weighting.alignment))
     assert ((weighting() >= 0) & (weighting() <= 2 * LN2)).all()
+
+
+def test_training_step_probe_under_bf16_autocast_changes_no_gradient():
+    """A step that probes and one that does not give bitwise the same .grad (accumulation is unaffected)."""
+    image, mask = torch.randn(2, 1, 16, 16), torch.randint(0, 3, (2, 16, 16))
+    grads = {}
+    for probing in (True, False):
+        torch.manual_seed(0)
+        net = UNet(in_channels=1, num_classes=3, base_channels=4, depth=2)
+        module = LoMixSegmentationModule(net, 3, weighting="aligned", hd95=False)
+        weighting = module.criterion.weighting
+        weighting.steps.fill_(0 if probing else 1)  # the first call probes; from 1 the next probe is at 10
+        with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*self.log")  # no Trainer here
+            module.training_step({"image": image, "mask": mask}, 0).backward()
+        assert int(weighting.probes) == int(probing)
+        grads[probing] = [p.grad.clone() for p in module.parameters() if p.grad is not None]
+        if probing:
+            assert torch.isfinite(weighting.alignment).all() and weighting.alignment.abs().sum() > 0
+    assert len(grads[True]) == len(grads[False]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
