@@ -223,38 +223,33 @@ def bench_module_steps(args: argparse.Namespace, device: torch.device) -> dict:
 
 
 def bench_weightings(args: argparse.Namespace, device: torch.device) -> dict:
-    """Seconds per module training step (+ backward + optimizer) of ``lomix`` with ``learned`` and ``aligned`` weights.
+    """Mean seconds per module training step (+ backward + optimizer) of ``lomix`` with ``learned`` and ``aligned``.
 
-    The ``aligned`` step probes once every ``every`` steps (its default), so one timed call is ``every`` steps of
-    each (a whole probe period, the probe included) and the per-step time is that over ``every``. The probe step
-    alone (one probe + one step) is timed too.
+    The ``aligned`` step probes once every ``every`` steps (its default), so the two are timed step by step,
+    alternating (a change of the machine's load hits both alike), over ``rounds_weighting`` whole probe periods, and
+    compared by their means (the probe steps included). The probe steps alone are reported too.
     """
     every = AlignedWeighting(1).every
     modules = {name: build_module("lomix", args, weighting=name) for name in ("learned", "aligned")}
     steps = {name: make_module_step(module, args, device) for name, module in modules.items()}
-
-    def period(step: Callable[[], None]) -> Callable[[], None]:
-        def fn() -> None:
-            for _ in range(every):
-                step()
-
-        return fn
-
-    times = interleaved({name: period(step) for name, step in steps.items()}, args.rounds_weighting, device)
-    seconds = {name: statistics.median(t) / every for name, t in times.items()}
+    for step in steps.values():  # warm-up (the aligned one probes here: its first call always does)
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds_weighting * every):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.fmean(t) for name, t in times.items()}
+    probe_steps = times["aligned"][every - 1 :: every]  # calls every, 2 every, ... (call 0 was the warm-up)
     aligned = modules["aligned"].criterion.weighting
-    probe_times = []
-    for _ in range(args.rounds_weighting):  # a step that probes: the counter set so that the next call probes
-        aligned.steps.fill_(0)
-        _sync(device)
-        start = time.perf_counter()
-        steps["aligned"]()
-        _sync(device)
-        probe_times.append(time.perf_counter() - start)
     return {
         "every": every,
         "seconds_per_step": seconds,
-        "aligned_probe_step_s": statistics.median(probe_times),
+        "aligned_probe_step_s": statistics.median(probe_steps),
+        "learned_step_median_s": statistics.median(times["learned"]),
         "aligned_over_learned": seconds["aligned"] / seconds["learned"],
         "spread_of_aligned_weights": float(aligned().max() - aligned().min()),
         "_raw": times,
@@ -461,14 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds-loss", type=int, default=5)
     parser.add_argument("--rounds-step", type=int, default=5)
     parser.add_argument("--rounds-export", type=int, default=10)
-    parser.add_argument("--rounds-weighting", type=int, default=5, help="rounds of a whole aligned probe period")
+    parser.add_argument("--rounds-weighting", type=int, default=3, help="whole aligned probe periods to time")
     parser.add_argument("--only-weighting", action="store_true", help="measure only the learned vs aligned step")
     parser.add_argument("--wait-quiet", type=float, default=None, help="wait for a 1-min load average below this")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     parser.add_argument("--quick", action="store_true", help="3 rounds of everything (a first run on a new machine)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds_loss = args.rounds_step = args.rounds_export = args.rounds_weighting = 3
+        args.rounds_loss = args.rounds_step = args.rounds_export = 3
+        args.rounds_weighting = 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.probe is not None:
