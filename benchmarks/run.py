@@ -39,6 +39,7 @@ from reference_loop import ReferenceLoopLoss  # noqa: E402
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule  # noqa: E402
 from lomix_lightning._engine.native import library  # noqa: E402
 from lomix_lightning.inference import as_output_list, resize_logits  # noqa: E402
+from lomix_lightning.losses.aligned import AlignedWeighting  # noqa: E402
 from lomix_lightning.models import MultiScaleSMP  # noqa: E402
 from lomix_lightning.profiling import OpCounter  # noqa: E402
 
@@ -105,12 +106,14 @@ def bench_loss(args: argparse.Namespace, device: torch.device) -> dict:
     return {name: statistics.median(t) for name, t in times.items()} | {"_raw": times}
 
 
-def build_module(scheme: str, args: argparse.Namespace, memory_efficient: bool = False) -> LoMixSegmentationModule:
+def build_module(
+    scheme: str, args: argparse.Namespace, memory_efficient: bool = False, weighting: str | None = None
+) -> LoMixSegmentationModule:
     """The module under test: MultiScaleSMP Unet-resnet18 (random weights) with one supervision scheme."""
     torch.manual_seed(0)
     net = MultiScaleSMP("Unet", "resnet18", None, num_classes=args.classes, in_channels=1, num_outputs=4)
     module = LoMixSegmentationModule(
-        net, args.classes, supervision=scheme, hd95=False, memory_efficient=memory_efficient
+        net, args.classes, supervision=scheme, weighting=weighting, hd95=False, memory_efficient=memory_efficient
     )
     module.criterion.check_target = False
     return module
@@ -217,6 +220,40 @@ def bench_module_steps(args: argparse.Namespace, device: torch.device) -> dict:
             torch.cuda.empty_cache()
         result["cuda_max_memory_allocated"] = peaks
     return result
+
+
+def bench_weightings(args: argparse.Namespace, device: torch.device) -> dict:
+    """Mean seconds per module training step (+ backward + optimizer) of ``lomix`` with ``learned`` and ``aligned``.
+
+    The ``aligned`` step probes once every ``every`` steps (its default), so the two are timed step by step,
+    alternating (a change of the machine's load hits both alike), over ``rounds_weighting`` whole probe periods, and
+    compared by their means (the probe steps included). The probe steps alone are reported too.
+    """
+    every = AlignedWeighting(1).every
+    modules = {name: build_module("lomix", args, weighting=name) for name in ("learned", "aligned")}
+    steps = {name: make_module_step(module, args, device) for name, module in modules.items()}
+    for step in steps.values():  # warm-up (the aligned one probes here: its first call always does)
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds_weighting * every):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    seconds = {name: statistics.fmean(t) for name, t in times.items()}
+    probe_steps = times["aligned"][every - 1 :: every]  # calls every, 2 every, ... (call 0 was the warm-up)
+    aligned = modules["aligned"].criterion.weighting
+    return {
+        "every": every,
+        "seconds_per_step": seconds,
+        "aligned_probe_step_s": statistics.median(probe_steps),
+        "learned_step_median_s": statistics.median(times["learned"]),
+        "aligned_over_learned": seconds["aligned"] / seconds["learned"],
+        "spread_of_aligned_weights": float(aligned().max() - aligned().min()),
+        "_raw": times,
+    }
 
 
 def step_configs() -> list[tuple[str, str, bool]]:
@@ -353,6 +390,7 @@ def summarize(result: dict) -> dict:
         "memory_lomix_memory_efficient_over_deep_supervision": memory["lomix memory_efficient=True"]
         / memory["deep_supervision"],
         "module_step_lomix_over_deep_supervision": result["module_step"]["lomix_over_deep_supervision"],
+        "module_step_aligned_over_learned": result["weighting_step"]["aligned_over_learned"],
         "export_latency_ratio": export["exported_s"] / export["bare_s"],
         "export_params_ratio": export["exported_params"] / export["bare_params"],
     }
@@ -386,6 +424,14 @@ def print_table(result: dict) -> None:
             f"{seconds:.3f} s",
             f"{seconds / module['seconds']['deep_supervision']:.2f}x deep supervision",
         )
+    weighting = result["weighting_step"]
+    for name, seconds in weighting["seconds_per_step"].items():
+        every = f", probe every {weighting['every']} steps" if name == "aligned" else ""
+        table.add_row(
+            f"module training_step: lomix, weighting={name}{every}",
+            f"{seconds:.3f} s",
+            f"{seconds / weighting['seconds_per_step']['learned']:.2f}x learned",
+        )
     for name, peak in memory.items():
         table.add_row(f"peak memory: {name}", f"{peak / 2**20:.0f} MiB", f"{peak / ds_mem:.2f}x deep supervision")
     export = result["export"]
@@ -410,12 +456,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds-loss", type=int, default=5)
     parser.add_argument("--rounds-step", type=int, default=5)
     parser.add_argument("--rounds-export", type=int, default=10)
+    parser.add_argument("--rounds-weighting", type=int, default=3, help="whole aligned probe periods to time")
+    parser.add_argument("--only-weighting", action="store_true", help="measure only the learned vs aligned step")
     parser.add_argument("--wait-quiet", type=float, default=None, help="wait for a 1-min load average below this")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     parser.add_argument("--quick", action="store_true", help="3 rounds of everything (a first run on a new machine)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds_loss = args.rounds_step = args.rounds_export = 3
+        args.rounds_weighting = 1
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.probe is not None:
@@ -423,12 +472,21 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.perf_counter()
     result: dict = {"machine": machine(device), "config": vars(args) | {"output": str(args.output)}}
+    if args.only_weighting:
+        result["weighting_step"] = bench_weightings(args, device)
+        print(json.dumps({k: v for k, v in result["weighting_step"].items() if k != "_raw"}, indent=2))
+        if args.output is not None:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(result, indent=2))
+        return 0
     wait_quiet(args.wait_quiet)
     result["loss_s"] = bench_loss(args, device)
     wait_quiet(args.wait_quiet)
     result["step_s"] = bench_steps(args, device)
     wait_quiet(args.wait_quiet)
     result["module_step"] = bench_module_steps(args, device)
+    wait_quiet(args.wait_quiet)
+    result["weighting_step"] = bench_weightings(args, device)
     result["peak_memory_bytes"] = bench_memory(args)
     wait_quiet(args.wait_quiet)
     result["export"] = bench_export(args, device)

@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from typing_extensions import override
 
+from lomix_lightning.callbacks._alignment import alignment_metrics
 from lomix_lightning.callbacks._loggers import line_series_payload, send_figures
 from lomix_lightning.callbacks._plots import (
     FAMILY_LABELS,
@@ -43,6 +44,8 @@ class WeightTrajectoryLogger(Callback):
     Scalars go to every logger (``logger.log_metrics`` at ``trainer.global_step``): ``lomix/weight/<map>`` (if
     ``per_map``), ``lomix/operator/<family>`` (summed weight of an operator family) and ``lomix/share/<family>``
     (its fraction of the total). All learned weights shrink during training, so the shares are what to read.
+    With ``weighting="aligned"``, after every probe also ``lomix/alignment/<map>`` (if ``per_map``) and
+    ``lomix/alignment_family/<family>``: the measured alignment with the main map that drives the weights.
     Figures (operator sums, an all-map heatmap, one figure per family) are saved as PNGs with the history as
     ``weights.csv`` and sent to W&B (``lomix/figure/*`` images, ``lomix/chart/*`` line series) and TensorBoard
     (``lomix/figure/*``). Only rank zero writes; no collective call is made. Fixed-weight schemes are skipped
@@ -89,6 +92,7 @@ class WeightTrajectoryLogger(Callback):
         self._criterion: LoMixLoss | None = None
         self._warned: set[str] = set()
         self._last_step_logged = -1
+        self._last_probe_logged = 0
         self._last_plotted: tuple[int, ...] | None = None
 
     @property
@@ -140,12 +144,25 @@ class WeightTrajectoryLogger(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._log_alignment(trainer)
         step = trainer.global_step
         if not self.active or self.every_n_steps is None or step % self.every_n_steps or step == self._last_step_logged:
             return
         self._last_step_logged = step  # with gradient accumulation several batches share one step
         if trainer.is_global_zero:
             self._log_scalars(trainer, self._loss().weights_dict())
+
+    def _log_alignment(self, trainer: pl.Trainer) -> None:
+        """After each probe of a weighting that measures alignment (``aligned``), log what it measured."""
+        weighting = self._criterion.weighting if self._criterion is not None else None
+        probes = getattr(weighting, "probes", None)
+        if probes is None or int(probes) == self._last_probe_logged:
+            return
+        self._last_probe_logged = int(probes)
+        if trainer.is_global_zero:
+            loss = self._loss()
+            alignment = weighting.alignment.float().cpu().tolist()
+            log_scalars(trainer, alignment_metrics(loss.map_names, loss.map_families, alignment, self.per_map))
 
     @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,12 +4,19 @@ from lomix_lightning.losses import CEDiceLoss, StructureLoss, ce_dice_loss, stru
 from lomix_lightning.losses.lomix import SCHEMES, LoMixLoss, LoMixLossOutput
 from lomix_lightning.losses.mutation import CombinatorialMutation
 from lomix_lightning.losses.subsets import OPERATORS, enumerate_subsets, map_family, map_names
-from lomix_lightning.losses.weighting import FixedWeighting, LossWeighting, SoftplusWeighting
+from lomix_lightning.losses.weighting import (  # aligned and uncertainty: losses/aligned.py, losses/uncertainty.py
+    AlignedWeighting,
+    FixedWeighting,
+    LossWeighting,
+    SoftplusWeighting,
+    UncertaintyWeighting,
+)
 from lomix_lightning.module import LoMixSegmentationModule
 
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AlignedWeighting",
     "CEDiceLoss",
     "CombinatorialMutation",
     "FixedWeighting",
@@ -21,6 +28,7 @@ __all__ = [
     "SCHEMES",
     "SoftplusWeighting",
     "StructureLoss",
+    "UncertaintyWeighting",
     "__version__",
     "ce_dice_loss",
     "enumerate_subsets",

@@ -31,6 +31,7 @@ from lomix_lightning.losses.weighting import WeightingName
 from lomix_lightning.metrics.per_class import EmptyRule
 from lomix_lightning.nonfinite import NonFiniteLossGuard
 from lomix_lightning.optimization import build_optimizers
+from lomix_lightning.probing import probe_weighting
 from lomix_lightning.resize import resize_logits
 
 Operator = Literal["add", "mul", "cat", "awf"]
@@ -247,6 +248,7 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
         self.log("train/loss", result.total, prog_bar=True, on_epoch=True, batch_size=size, sync_dist=True)
         losses = {"train/loss_original": result.original, "train/loss_mutant": result.mutant}
         self.log_dict(losses, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
+        probe_weighting(self, image, mask)  # `aligned` weights measure gradients here every k steps; others: no-op
         return result.total
 
     @override

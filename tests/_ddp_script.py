@@ -28,6 +28,8 @@ CASES = {
     "lomix_mul": {"supervision": "lomix", "operators": ["mul"]},
     "lomix_cat_awf": {"supervision": "lomix", "operators": ["cat", "awf"]},
     "learned_deep_supervision": {"supervision": "deep_supervision", "weighting": "learned"},
+    "aligned": {"supervision": "lomix", "weighting": "aligned"},
+    "uncertainty": {"supervision": "lomix", "weighting": "uncertainty"},
     "skip_nonfinite": {"supervision": "lomix", "nonfinite_loss": "skip"},
     "raise_nonfinite": {"supervision": "lomix", "nonfinite_loss": "raise"},  # last: it ends with an error
 }

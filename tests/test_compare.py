@@ -71,3 +71,48 @@ def test_bad_arguments():
         run_comparison(["lomx"], [0])
     with pytest.raises(ValueError, match="at least one seed"):
         run_comparison(["lomix"], [])
+
+
+def test_weightings_are_arms_tested_against_the_papers_learned_weights(tmp_path, monkeypatch, capsys):
+    import lomix_lightning.cli
+    import lomix_lightning.cli.compare as compare
+
+    rng = np.random.default_rng(1)
+    real_fit_and_test = compare._fit_and_test
+
+    def fake_fit_and_test(config, scheme, seed, fraction, directory, extra):
+        cases = rng.uniform(0.4, 0.9, 5).tolist()
+        return RunResult(scheme, seed, fraction, {"test/dice": float(np.mean(cases))}, cases)
+
+    monkeypatch.setattr(compare, "_fit_and_test", fake_fit_and_test)
+    out = tmp_path / "cmp"
+    assert (
+        compare_main(["--weightings", "uncertainty", "learned", "aligned", "--seeds", "0", "1", "--output", str(out)])
+        == 0
+    )
+    results = [RunResult(**json.loads(p.read_text())) for p in sorted(out.glob("full/*/seed_*/result.json"))]
+    assert {r.scheme for r in results} == {"lomix-learned", "lomix-aligned", "lomix-uncertainty"}
+    rows = summarise(results)
+    assert [r["scheme"] for r in rows] == ["lomix-learned", "lomix-aligned", "lomix-uncertainty"]
+    by = {arm: [v for r in sorted(results, key=lambda r: r.seed) if r.scheme == arm for v in r.case_dice] for arm in
+          ("lomix-learned", "lomix-aligned")}  # fmt: skip
+    expected = wilcoxon(by["lomix-learned"], by["lomix-aligned"]).pvalue
+    assert rows[1]["wilcoxon_p_vs_lomix"] == pytest.approx(expected)
+    assert "Wilcoxon p (vs lomix-learned)" in (out / "results.md").read_text()
+
+    # each arm's runs get its weighting on the command line
+    seen = []
+
+    class StopCLI(Exception):
+        pass
+
+    def fake_cli(args):
+        seen.append(args)
+        raise StopCLI
+
+    monkeypatch.setattr(lomix_lightning.cli, "LoMixCLI", fake_cli)
+    with pytest.raises(StopCLI):
+        real_fit_and_test(None, "lomix-aligned", 0, None, tmp_path, [])
+    assert "--model.init_args.weighting=aligned" in seen[0] and "--model.init_args.supervision=lomix" in seen[0]
+    with pytest.raises(ValueError, match="unknown weightings \\['aligend'\\]"):
+        run_comparison(["lomix"], [0], weightings=["aligend"])

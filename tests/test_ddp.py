@@ -86,13 +86,15 @@ def test_every_scheme_and_operator_subset_under_ddp(tmp_path):
         process = subprocess.Popen(command, cwd=tmp_path, env=lomix_env(), stdout=out, stderr=err)
     _wait(process, tmp_path)
     cases = ["last_layer", "deep_supervision", "mutation", "lomix", "lomix_mul", "lomix_cat_awf"]
-    for case in [*cases, "learned_deep_supervision", "skip_nonfinite"]:
+    for case in [*cases, "learned_deep_supervision", "aligned", "uncertainty", "skip_nonfinite"]:
         rank0, rank1 = _ranks(tmp_path, f"{case}_")
         _assert_same(rank0, rank1)
         assert rank0["global_step"] == 2
         skipped = case == "skip_nonfinite"
         assert rank0["skipped"] == rank1["skipped"] == int(skipped)
         assert rank0["adam_steps"] == [1.0 if skipped else 2.0], case  # the poisoned step updated nothing
+    aligned = _ranks(tmp_path, "aligned_")[0]["params"]  # probed at step 0 on both ranks' batches (all-reduced)
+    assert int(aligned["criterion.weighting.probes"]) == 1 and aligned["criterion.weighting.alignment"].abs().sum() > 0
     fusion = {case: {k.split(".")[2] for k in _ranks(tmp_path, f"{case}_")[0]["params"] if ".mutation." in k}
               for case in cases}  # fmt: skip
     assert fusion == {"last_layer": set(), "deep_supervision": set(), "mutation": set(), "lomix": {"cat", "awf"},

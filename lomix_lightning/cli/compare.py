@@ -20,6 +20,7 @@ from lomix_lightning.cli.errors import OneLineArgumentParser
 from lomix_lightning.errors import LomixUserError
 
 SCHEME_ORDER = ("last_layer", "deep_supervision", "mutation", "lomix")
+WEIGHTING_ORDER = ("learned", "fixed", "aligned", "uncertainty")
 DEMO_ARGS = ("--trainer.max_epochs=8", "--model.init_args.network.init_args.base_channels=8")
 """Without ``--config``, compare runs a lighter demo (8 epochs, a U-Net of width 8) so 12 runs fit in minutes."""
 METRICS = ("test/dice", "test/hd95", "test/iou")
@@ -35,6 +36,35 @@ class RunResult:
     metrics: dict[str, float]
     case_dice: list[float] = field(default_factory=list)
     best_checkpoint: str = ""
+
+
+def arm_names(schemes: Sequence[str], weightings: Sequence[str] | None) -> list[str]:
+    """The compared arms: the schemes, or with ``weightings`` each ``scheme-weighting`` pair.
+
+    Example:
+        >>> arm_names(["lomix"], ["learned", "aligned"])
+        ['lomix-learned', 'lomix-aligned']
+    """
+    unknown = [w for w in weightings or () if w not in WEIGHTING_ORDER]
+    if unknown:
+        raise LomixUserError(f"unknown weightings {unknown}; allowed are {list(WEIGHTING_ORDER)}")
+    return list(schemes) if not weightings else [f"{s}-{w}" for s in schemes for w in weightings]
+
+
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """``(scheme, weighting or None)`` of an arm name (``"lomix-aligned"`` or ``"lomix"``)."""
+    scheme, _, weighting = arm.partition("-")
+    return scheme, weighting or None
+
+
+def _arm_order(arm: str) -> tuple[int, int]:
+    scheme, weighting = split_arm(arm)
+    return SCHEME_ORDER.index(scheme), -1 if weighting is None else WEIGHTING_ORDER.index(weighting)
+
+
+def _reference(arms: Sequence[str]) -> str | None:
+    """The arm every other is tested against: ``lomix``, else ``lomix-learned`` (the paper's), else none."""
+    return next((arm for arm in ("lomix", "lomix-learned") if arm in arms), None)
 
 
 def run_dir(output: Path, scheme: str, seed: int, fraction: float | None) -> Path:
@@ -59,8 +89,11 @@ def _fit_and_test(
         "init_args": {"save_dir": str(directory), "name": "", "version": ""},
     }
     args = ["fit", *(["--config", config] if config else [])]
+    scheme_name, weighting = split_arm(scheme)
+    if weighting is not None:
+        args.append(f"--model.init_args.weighting={weighting}")
     args += [
-        f"--model.init_args.supervision={scheme}",
+        f"--model.init_args.supervision={scheme_name}",
         f"--seed_everything={seed}",
         f"--trainer.default_root_dir={directory}",
         f"--trainer.callbacks={json.dumps(callbacks)}",
@@ -86,6 +119,7 @@ def run_comparison(
     config: str | None = None,
     extra_args: Sequence[str] = (),
     console: Console | None = None,
+    weightings: Sequence[str] | None = None,
 ) -> list[RunResult]:
     """Train and test every (fraction, scheme, seed), skipping runs whose ``result.json`` already exists.
 
@@ -97,6 +131,9 @@ def run_comparison(
         config: A ``lomix`` YAML config; ``None`` uses the built-in demo.
         extra_args: More ``lomix fit`` arguments for every run (e.g. ``--trainer.max_epochs=5``).
         console: Where to print progress and the table.
+        weightings: Loss weightings to compare within each scheme (``learned``, ``fixed``, ``aligned``,
+            ``uncertainty``); each (scheme, weighting) pair is one arm, named ``scheme-weighting``, and the Wilcoxon
+            tests are against ``lomix-learned``. ``None``: the schemes with their own weighting.
 
     Returns:
         One :class:`RunResult` per run.
@@ -106,6 +143,7 @@ def run_comparison(
         raise LomixUserError(f"unknown schemes {unknown}; allowed are {list(SCHEME_ORDER)}")
     if not seeds:
         raise LomixUserError("give at least one seed")
+    schemes = arm_names(schemes, weightings)
     console = console or Console()
     output = Path(output)
     if config is None:
@@ -150,7 +188,8 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
     fractions = sorted({r.fraction for r in results}, key=lambda f: -1 if f is None else f)
     for fraction in fractions:
         group = [r for r in results if r.fraction == fraction]
-        schemes = [s for s in SCHEME_ORDER if any(r.scheme == s for r in group)]
+        schemes = sorted({r.scheme for r in group}, key=_arm_order)
+        reference = _reference(schemes)
         by_scheme = {s: sorted((r for r in group if r.scheme == s), key=lambda r: r.seed) for s in schemes}
         for scheme in schemes:
             runs = by_scheme[scheme]
@@ -161,8 +200,9 @@ def summarise(results: Sequence[RunResult]) -> list[dict[str, Any]]:
                 row[f"{metric}_mean"] = float(np.nanmean(values)) if len(values) else math.nan
                 row[f"{metric}_std"] = float(np.nanstd(values)) if len(values) else math.nan
             row["wilcoxon_p_vs_lomix"] = math.nan
-            if "lomix" in by_scheme and scheme != "lomix":
-                lomix_runs = {r.seed: r for r in by_scheme["lomix"]}
+            row["reference"] = reference
+            if reference is not None and scheme != reference:
+                lomix_runs = {r.seed: r for r in by_scheme[reference]}
                 paired = [(lomix_runs[r.seed].case_dice, r.case_dice) for r in runs if r.seed in lomix_runs]
                 pairs = [(a, b) for x, y in paired for a, b in zip(x, y)]
                 if pairs:
@@ -187,10 +227,11 @@ def write_reports(results: Sequence[RunResult], output: Path, console: Console |
             fraction = "all" if r.fraction is None else r.fraction
             writer.writerow([fraction, r.scheme, r.seed, *(r.metrics.get(k, "") for k in keys), r.best_checkpoint])
     rows = summarise(results)
-    header = "| labels | scheme | runs | Dice (%) | HD95 | IoU (%) | Wilcoxon p (vs lomix) |"
+    reference = next((row["reference"] for row in rows if row["reference"]), "lomix")
+    header = f"| labels | scheme | runs | Dice (%) | HD95 | IoU (%) | Wilcoxon p (vs {reference}) |"
     lines = [header, "|---|---|---|---|---|---|---|"]
     table = Table(title="lomix compare: test metrics, mean ± std over seeds")
-    for column in ("labels", "scheme", "runs", "Dice (%)", "HD95", "IoU (%)", "Wilcoxon p vs lomix"):
+    for column in ("labels", "scheme", "runs", "Dice (%)", "HD95", "IoU (%)", f"Wilcoxon p vs {reference}"):
         table.add_column(column, justify="left" if column in ("labels", "scheme") else "right")
     for row in rows:
         p = row["wilcoxon_p_vs_lomix"]
@@ -206,7 +247,7 @@ def write_reports(results: Sequence[RunResult], output: Path, console: Console |
         lines.append("| " + " | ".join(cells) + " |")
         table.add_row(*cells)
     note = (
-        "\nWilcoxon: two-sided signed-rank test of lomix against each scheme over paired (seed, test case) "
+        f"\nWilcoxon: two-sided signed-rank test of {reference} against each arm over paired (seed, test case) "
         "mean-Dice values; p < 0.05 means the schemes differ on these runs, not which is better.\n"
     )
     (output / "results.md").write_text("\n".join(lines) + "\n" + note)
@@ -215,7 +256,7 @@ def write_reports(results: Sequence[RunResult], output: Path, console: Console |
 
 
 def compare_main(argv: Sequence[str]) -> int:
-    """``lomix compare [--config C] [--schemes ...] [--seeds ...] [--train-fractions ...] [--output DIR]``."""
+    """``lomix compare [--config C] [--schemes ...] [--weightings ...] [--seeds ...] [--train-fractions ...]``."""
     parser = OneLineArgumentParser(
         prog="lomix compare",
         description="Train and test each supervision scheme over several seeds (and label fractions), then report "
@@ -225,11 +266,21 @@ def compare_main(argv: Sequence[str]) -> int:
     parser.add_argument(
         "--config", default=None, help="lomix YAML config (default: the built-in demo, 8 epochs, U-Net width 8)"
     )
-    parser.add_argument("--schemes", nargs="+", default=list(SCHEME_ORDER), choices=SCHEME_ORDER)
+    parser.add_argument(
+        "--schemes", nargs="+", default=None, choices=SCHEME_ORDER, help="default: all four; lomix with --weightings"
+    )
+    parser.add_argument(
+        "--weightings",
+        nargs="+",
+        default=None,
+        choices=WEIGHTING_ORDER,
+        help="compare these loss weightings within each scheme (Wilcoxon against lomix-learned)",
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--train-fractions", nargs="+", type=float, default=None, help="e.g. 0.05 0.1 0.2 0.4")
     parser.add_argument("--output", default="lomix_compare", help="output folder (default: lomix_compare)")
     args, extra = parser.parse_known_args(list(argv))
-    run_comparison(args.schemes, args.seeds, args.train_fractions, args.output, args.config, extra)
+    schemes = args.schemes or (["lomix"] if args.weightings else list(SCHEME_ORDER))
+    run_comparison(schemes, args.seeds, args.train_fractions, args.output, args.config, extra, None, args.weightings)
     print(f"results: {Path(args.output) / 'results.csv'} and {Path(args.output) / 'results.md'}")
     return 0

@@ -34,7 +34,7 @@ class LoMixLossOutput(NamedTuple):
     """What :class:`LoMixLoss` returns.
 
     Attributes:
-        total: The scalar training loss ``sum(weights * per_map)``.
+        total: The scalar training loss ``sum(weights * per_map)`` (plus the weighting's own term, if it has one).
         per_map: ``(M,)`` unweighted per-map losses, in ``map_names`` order (detach before logging).
         weights: ``(M,)`` the weights used.
         original: Weighted loss of the network's own maps ``P1..PL`` (the part deep supervision would have).
@@ -79,8 +79,11 @@ class LoMixLoss(nn.Module):
         num_classes: Number ``C`` of classes (1 for binary segmentation with the ``structure`` loss).
         scheme: Supervision scheme, see the table.
         operators: Operators to apply, overriding the scheme's (``None`` keeps them).
-        weighting: ``"learned"`` (softplus of a raw ``alpha`` per map, ``alpha`` starting at 0), ``"fixed"`` (1), or
-            a :class:`~lomix_lightning.losses.weighting.LossWeighting` instance; ``None`` keeps the scheme's.
+        weighting: ``"learned"`` (softplus of a raw ``alpha`` per map, ``alpha`` starting at 0), ``"fixed"`` (1),
+            ``"aligned"`` (:class:`~lomix_lightning.losses.aligned.AlignedWeighting`: from gradient alignment with
+            the main map, probed by the Lightning module), ``"uncertainty"`` (Kendall et al. 2018: ``exp(-s_u)``,
+            plus ``sum_u s_u`` in the total), or a :class:`~lomix_lightning.losses.weighting.LossWeighting`
+            instance; ``None`` keeps the scheme's.
         loss: Per-map loss: ``"ce_dice"`` (multi-class), ``"structure"`` (binary), or any callable
             ``(logits (B, C, H, W), target) -> scalar``, applied to each map in turn.
         ce_weight: Cross-entropy coefficient of ``ce_dice`` (paper: 0.3).
@@ -278,7 +281,14 @@ class LoMixLoss(nn.Module):
             for out in unused:  # a zero-weighted term keeps maps this scheme ignores in the graph (DDP needs that)
                 original = original + 0.0 * out.sum()
             mutant = weighted[num_original:].sum()
-            return LoMixLossOutput(original + mutant, per_map, weights, original, mutant)
+            return LoMixLossOutput(
+                original + mutant + self._weighting_term(per_map), per_map, weights, original, mutant
+            )
+
+    def _weighting_term(self, per_map: Tensor) -> Tensor | float:
+        """A weighting's own term of the total (``uncertainty``: ``sum_u s_u``); 0 for the others."""
+        regulariser = getattr(self.weighting, "regulariser", None)
+        return 0.0 if regulariser is None else regulariser().to(per_map.dtype)
 
     def _ce_dice_maps(self, stacked: Tensor, operators: Sequence[str], target: Tensor) -> Tensor:
         """``(M,)`` CE + Dice of every map through the fused engine."""

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-WeightingName = Literal["learned", "fixed"]
+WeightingName = Literal["learned", "fixed", "aligned", "uncertainty"]
 
 
 class LossWeighting(nn.Module):
@@ -94,7 +94,16 @@ class FixedWeighting(LossWeighting):
         return self._weights
 
 
-WEIGHTINGS: dict[str, type[LossWeighting]] = {"learned": SoftplusWeighting, "fixed": FixedWeighting}
+# the strategies beyond the paper live in their own files, which import LossWeighting from here
+from lomix_lightning.losses.aligned import AlignedWeighting  # noqa: E402
+from lomix_lightning.losses.uncertainty import UncertaintyWeighting  # noqa: E402
+
+WEIGHTINGS: dict[str, type[LossWeighting]] = {
+    "learned": SoftplusWeighting,
+    "fixed": FixedWeighting,
+    "aligned": AlignedWeighting,
+    "uncertainty": UncertaintyWeighting,
+}
 """Weighting strategies by name."""
 
 
