@@ -1,7 +1,7 @@
 """A checkpoint written before the loss core moved to ``losses/`` and ``_engine/`` still loads, key for key.
 
 ``files/lomix_before_move.ckpt`` was written by :func:`write_checkpoint` with the code of before the move (commit
-``1de300d``, loss in ``lomix_lightning/loss.py``); rerun ``python tests/losses/test_checkpoint_compat.py`` only to
+``1de300d``, loss in ``lomix_lightning/loss.py``); rerun ``python tests/losses/test_loss_checkpoint_compat.py`` only to
 regenerate it on purpose (a state_dict key change is a compatibility break).
 """
 
