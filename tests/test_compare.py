@@ -110,7 +110,7 @@ def test_weightings_are_arms_tested_against_the_papers_learned_weights(tmp_path,
         seen.append(args)
         raise StopCLI
 
-    monkeypatch.setattr(lomix_lightning.cli, "LoMixCLI", fake_cli)
+    monkeypatch.setattr(lomix_lightning.cli.lightning, "LoMixCLI", fake_cli)
     with pytest.raises(StopCLI):
         real_fit_and_test(None, "lomix-aligned", 0, None, tmp_path, [])
     assert "--model.init_args.weighting=aligned" in seen[0] and "--model.init_args.supervision=lomix" in seen[0]
