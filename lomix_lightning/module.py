@@ -35,6 +35,7 @@ from lomix_lightning.metrics.volume import evaluate_volume, predict_volume
 from lomix_lightning.native import engine as native_engine
 from lomix_lightning.precision import full_precision, fusion_dtype
 from lomix_lightning.resize import resize_logits
+from lomix_lightning.sliding_window import SlidingWindow, batch_spacings, check_sliding_window, sliding_window_logits
 from lomix_lightning.weighting import WeightingName
 
 Operator = Literal["add", "mul", "cat", "awf"]
@@ -86,6 +87,9 @@ class LoMixSegmentationModule(pl.LightningModule):
             remembered on the device and reported at the next logging step (``log_every_n_steps``) or epoch end.
         memory_efficient: Passed to :class:`~lomix_lightning.LoMixLoss`: recompute every mutant and softmax in
             backward, in chunks of images, instead of keeping them (lowest memory, same gradients).
+        sliding_window: Test and predict whole images or volumes window by window with MONAI's
+            ``sliding_window_inference``: a dict with ``roi_size`` (required), ``overlap`` (0.25), ``mode``
+            (``"gaussian"`` or ``"constant"``) and ``sw_batch_size`` (1); ``None``: the whole input at once.
 
     Example:
         >>> from lomix_lightning.models import UNet
@@ -119,6 +123,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         img_size: int | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         memory_efficient: bool = False,
+        sliding_window: SlidingWindow | None = None,
     ) -> None:
         super().__init__()
         # built by LightningCLI: hparams are the parsed config (plain data); built in Python: drop the objects here
@@ -149,6 +154,7 @@ class LoMixSegmentationModule(pl.LightningModule):
             )
         self.network = network
         self.num_classes = num_classes
+        self.sliding_window = check_sliding_window(sliding_window)  # 3-D: whole-volume test/predict by windows
         self.class_names = self._class_names(class_names)
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -296,8 +302,8 @@ class LoMixSegmentationModule(pl.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         """Prediction logits ``(B, C, H, W)`` at the input resolution: the last map, or the sum of all maps."""
         if self.hparams.inference_output == "last" and callable(getattr(self.network, "forward_final", None)):
-            return resize_logits(self.network.forward_final(x), x.shape[-2:])
-        return combine_outputs(as_output_list(self.network(x)), x.shape[-2:], self.hparams.inference_output)
+            return resize_logits(self.network.forward_final(x), x.shape[2:])
+        return combine_outputs(as_output_list(self.network(x)), x.shape[2:], self.hparams.inference_output)
 
     def predict_labels(self, logits: Tensor) -> Tensor:
         """Class indices ``(B, H, W)`` from prediction logits (sigmoid > 0.5 for one channel)."""
@@ -318,7 +324,7 @@ class LoMixSegmentationModule(pl.LightningModule):
             raise LomixUserError(f"batches must be dicts with 'image' (B, C, H, W) and 'mask' (B, H, W), got {got}")
         image, mask = batch["image"], batch["mask"]
         in_channels = getattr(self.network, "in_channels", None)
-        if isinstance(in_channels, int) and image.ndim == 4 and image.shape[1] != in_channels:
+        if isinstance(in_channels, int) and image.ndim in (4, 5) and image.shape[1] != in_channels:
             raise LomixUserError(
                 f"images have {image.shape[1]} channels but the network expects in_channels={in_channels} "
                 f"(image shape {tuple(image.shape)})"
@@ -344,7 +350,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         image, mask = self._check_batch(batch)
         # skip mode: the forward pass updates buffers (BatchNorm statistics); a skipped batch must not leave a trace
         saved = [b.detach().clone() for b in self.buffers()] if self.hparams.nonfinite_loss == "skip" else None
-        outputs = self._network_outputs(image, mask.shape[-2:])
+        outputs = self._network_outputs(image, mask.shape[2 - image.ndim :])  # (H, W) or (D, H, W)
         # labels checked on the host in on_before_batch_transfer need no check here (that one reads a device value)
         result = self.criterion(outputs, mask, check_target=not self._labels_checked_on_host())
         if self.hparams.nonfinite_loss == "skip" or not self._defer_nonfinite_check():
@@ -533,7 +539,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         image, mask = self._check_batch(batch)
         if not self._labels_checked_on_host():
             self._check_labels(mask, "validation" if scores is self.val_scores else "test")
-        logits = resize_logits(self(image), mask.shape[-2:])
+        logits = resize_logits(self(image), mask.shape[2 - image.ndim :])
         scores.update(self.predict_labels(logits), mask.long())
 
     @override
@@ -589,13 +595,21 @@ class LoMixSegmentationModule(pl.LightningModule):
     def _score_images(self, batch: Mapping[str, Tensor]) -> None:
         """Each test image is a case: per-class Dice, HD95 and IoU, averaged over images at the end."""
         image, mask = self._check_batch(batch)
-        pred = self.predict_labels(resize_logits(self(image), mask.shape[-2:]))
+        pred = self.predict_labels(resize_logits(self._whole_logits(image), mask.shape[2 - image.ndim :]))
         mask = mask.long()
         if self.hparams.ignore_index is not None:
             keep = mask != self.hparams.ignore_index
             pred, mask = torch.where(keep, pred, 0), torch.where(keep, mask, 0)
-        for p, t in zip(pred.cpu().numpy(), mask.cpu().numpy()):
-            self.test_cases.update(per_class_metrics(p, t, max(self.num_classes, 2), rule=self.hparams.hd95_empty_rule))
+        spacings = batch_spacings(batch, len(pred))  # per image, for HD95 (None: voxel units)
+        for p, t, spacing in zip(pred.cpu().numpy(), mask.cpu().numpy(), spacings):
+            scores = per_class_metrics(p, t, max(self.num_classes, 2), spacing, rule=self.hparams.hd95_empty_rule)
+            self.test_cases.update(scores)
+
+    def _whole_logits(self, image: Tensor) -> Tensor:
+        """Prediction logits of whole test images or volumes: window by window when ``sliding_window`` is set."""
+        if self.sliding_window is None:
+            return self(image)
+        return sliding_window_logits(self, image, self.sliding_window)
 
     @override
     def on_test_epoch_end(self) -> None:
@@ -628,7 +642,7 @@ class LoMixSegmentationModule(pl.LightningModule):
         if self._is_volume(batch):  # a whole test volume (1, D, H, W): slice by slice, as in testing
             return predict_volume(self, batch["image"], img_size=self._volume_img_size())[None]  # (1, D, H, W)
         image = batch["image"] if isinstance(batch, Mapping) else batch
-        return self.predict_labels(self(image))
+        return self.predict_labels(self._whole_logits(image))
 
     # ------------------------------------------------------------------ optimisation
     def loss_weight_parameters(self) -> list[nn.Parameter]:
