@@ -78,6 +78,18 @@ class Journey:
 
 
 FOLDER = [*PVT, *FILES, "--data.init_args.batch_size=4"]
+SYNAPSE_3D = [  # synapse_3d_dynunet.yaml at a tiny size: 4x16x16 patches of 4x32x32 volumes, a 3-level DynUNet
+    "--data.init_args.patch_size=[4,16,16]",
+    "--trainer.check_val_every_n_epoch=1",  # the config validates every 5th epoch
+    "--data.init_args.samples_per_volume=2",
+    "--data.init_args.val_samples_per_volume=1",
+    "--data.init_args.num_workers=0",
+    "--model.init_args.sliding_window.roi_size=[4,16,16]",
+    "--model.init_args.network.init_args.strides=[[1,1,1],[1,2,2],[1,2,2]]",
+    "--model.init_args.network.init_args.kernel_size=[3,3,3]",
+    "--model.init_args.network.init_args.filters=[4,8,8]",
+    "--model.init_args.network.init_args.deep_supr_num=1",
+]
 JOURNEYS: dict[str, list[Journey]] = {
     "demo.yaml": [Journey([*SYNTHETIC, *UNET], SHAPES, cases=3, subprocess=True, export_format="export")],
     "debug.yaml": [Journey([*SYNTHETIC, *UNET], SHAPES, base="demo.yaml", cases=1, checkpoint=False, csv_logger=False)],
@@ -108,6 +120,7 @@ JOURNEYS: dict[str, list[Journey]] = {
             variant="transunet-release",
         ),
     ],  # fmt: skip
+    "synapse_3d_dynunet.yaml": [Journey(SYNAPSE_3D, synapse_class_names(9)[1:], cases=2, size=16, spatial_dims=3)],
     "acdc_pvt_emcad_b2.yaml": [
         Journey([*PVT, *FILES, "--data.init_args.batch_size=2"], ["RV", "Myo", "LV"], cases=2, subprocess=True)
     ],
@@ -140,7 +153,7 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("journey_data")
     data = root / "data"
     cases = ["case0005", "case0006", "case0007"]  # the last two are the validation cases
-    write_synapse(data / "synapse", cases, slices=2, size=32, depth=4)  # what `lomix prepare-synapse` writes
+    write_synapse(data / "synapse", cases, slices=2, size=32, depth=4, train_volumes=True)  # prepare-synapse's layout
     release = data / "Synapse"  # the TransUNet/LoMix release's names
     write_synapse(release, cases, slices=2, size=32, depth=4, labels14=False, train_dir="train_npz_new",
                   test_dir="test_vol_h5_new", list_dir=release / "lists_Synapse")  # fmt: skip
