@@ -25,20 +25,21 @@ from lomix_lightning import LoMixLoss
 from lomix_lightning.models import MonaiDynUNet
 from lomix_lightning.resize import resize_logits
 
-CONFIGS = {  # label: (scheme, LOMIX_NATIVE)
-    "deep_supervision native": ("deep_supervision", "1"),
-    "lomix native": ("lomix", "1"),
-    "deep_supervision pytorch": ("deep_supervision", "0"),
-    "lomix pytorch": ("lomix", "0"),
+CONFIGS = {  # label: (scheme, LOMIX_NATIVE, memory_efficient)
+    "deep_supervision native": ("deep_supervision", "1", False),
+    "lomix native": ("lomix", "1", False),
+    "deep_supervision pytorch": ("deep_supervision", "0", False),
+    "lomix pytorch": ("lomix", "0", False),
+    "lomix pytorch memory_efficient": ("lomix", "0", True),
 }
 FACTORS = (8, 4, 2, 1)  # the four maps' downsampling factors, coarse to fine (DynUNet, 5 levels, 3 heads)
 
 
-def build(args: argparse.Namespace, scheme: str) -> tuple[MonaiDynUNet, LoMixLoss]:
+def build(args: argparse.Namespace, scheme: str, memory_efficient: bool) -> tuple[MonaiDynUNet, LoMixLoss]:
     """A 5-level 3-D DynUNet with 3 deep-supervision heads (4 maps) and its loss."""
     torch.manual_seed(0)
     net = MonaiDynUNet(1, args.classes, 3, strides=(1, 2, 2, 2, 2), filters=(8, 16, 32, 64, 128), deep_supr_num=3)
-    return net, LoMixLoss(4, args.classes, scheme, check_target=False)
+    return net, LoMixLoss(4, args.classes, scheme, check_target=False, memory_efficient=memory_efficient)
 
 
 def _engine(flag: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
@@ -52,13 +53,13 @@ def _engine(flag: str) -> Callable[[Callable[[], None]], Callable[[], None]]:
     return wrap
 
 
-def loss_call(args: argparse.Namespace, scheme: str) -> Callable[[], None]:
+def loss_call(args: argparse.Namespace, scheme: str, memory_efficient: bool) -> Callable[[], None]:
     """Loss forward + backward on four random maps at their native resolutions (resized inside, as the module)."""
     gen = torch.Generator().manual_seed(0)
     b, c, s = args.batch, args.classes, args.size
     maps = [torch.randn(b, c, *[s // f] * 3, generator=gen).requires_grad_() for f in FACTORS]
     target = torch.randint(0, c, (b, s, s, s), generator=gen)
-    loss = build(args, scheme)[1]
+    loss = build(args, scheme, memory_efficient)[1]
 
     def fn() -> None:
         loss([resize_logits(m, target.shape[1:]) for m in maps], target).total.backward()
@@ -68,9 +69,9 @@ def loss_call(args: argparse.Namespace, scheme: str) -> Callable[[], None]:
     return fn
 
 
-def step_call(args: argparse.Namespace, scheme: str) -> Callable[[], None]:
+def step_call(args: argparse.Namespace, scheme: str, memory_efficient: bool) -> Callable[[], None]:
     """One training step: network forward, maps resized to the labels, loss, backward, AdamW."""
-    net, loss = build(args, scheme)
+    net, loss = build(args, scheme, memory_efficient)
     optimizer = torch.optim.AdamW([*net.parameters(), *loss.parameters()], lr=1e-4)
     gen = torch.Generator().manual_seed(1)
     image = torch.randn(args.batch, 1, *[args.size] * 3, generator=gen)
@@ -94,9 +95,9 @@ def _rss(key: str) -> int:
 
 def probe(args: argparse.Namespace) -> dict:
     """Peak resident memory of the second call above the resident set before the first (a fresh process)."""
-    scheme, flag = CONFIGS[args.probe]
+    scheme, flag, memory_efficient = CONFIGS[args.probe]
     os.environ["LOMIX_NATIVE"] = flag
-    fn = (loss_call if args.what == "loss" else step_call)(args, scheme)
+    fn = (loss_call if args.what == "loss" else step_call)(args, scheme, memory_efficient)
     base = _rss("VmRSS")
     fn()
     with open("/proc/self/clear_refs", "w") as clear:  # reset the peak to the current resident set
@@ -112,7 +113,7 @@ def bench_volumes(args: argparse.Namespace, interleaved: Callable, rounds: int) 
     result: dict = {"config": {"batch": args.batch, "classes": args.classes, "size": args.size}}
     try:
         for what, make in (("loss", loss_call), ("step", step_call)):
-            fns = {label: _engine(flag)(make(args, scheme)) for label, (scheme, flag) in CONFIGS.items()}
+            fns = {label: _engine(flag)(make(args, scheme, me)) for label, (scheme, flag, me) in CONFIGS.items()}
             times = interleaved(fns, rounds, device)
             result[f"{what}_s"] = {label: statistics.median(t) for label, t in times.items()}
             peaks = {}
@@ -129,10 +130,10 @@ def bench_volumes(args: argparse.Namespace, interleaved: Callable, rounds: int) 
             os.environ["LOMIX_NATIVE"] = saved
     result["ratios"] = {
         f"{what}_{kind}_lomix_over_deep_supervision_{engine}": result[f"{what}_{key}"][f"lomix {engine}"]
-        / result[f"{what}_{key}"][f"deep_supervision {engine}"]
+        / result[f"{what}_{key}"][f"deep_supervision {engine.split()[0]}"]
         for what in ("loss", "step")
         for kind, key in (("time", "s"), ("memory", "peak_bytes"))
-        for engine in ("native", "pytorch")
+        for engine in ("native", "pytorch", "pytorch memory_efficient")
     }
     return result
 

@@ -163,6 +163,18 @@ class MonaiDynUNet(MultiOutputNetwork):
         )
         self.in_channels, self.num_classes, self.spatial_dims = in_channels, num_classes, spatial_dims
         self.num_outputs = deep_supr_num + 1
+        self._factor = [1] * spatial_dims  # the input must be a multiple of the strides' product, per dimension
+        for stride in strides:
+            for d in range(spatial_dims):
+                self._factor[d] *= stride[d] if isinstance(stride, list) else stride
+
+    def _check(self, x: Tensor) -> None:
+        _check_input(x, self.in_channels, self.spatial_dims)
+        if any(size % f for size, f in zip(x.shape[2:], self._factor)):
+            raise LomixUserError(
+                f"DynUNet needs spatial sizes divisible by {self._factor} (the strides' product), "
+                f"got {tuple(x.shape[2:])}."
+            )
 
     def _chain(self) -> tuple[list[nn.Module], nn.Module, list[nn.Module], list[nn.Module]]:
         """Walk MONAI's recursive skip layers: downsamples (top down), bottleneck, upsamples and heads (bottom up)."""
@@ -180,7 +192,7 @@ class MonaiDynUNet(MultiOutputNetwork):
 
     def forward(self, x: Tensor) -> list[Tensor]:
         """Return ``deep_supr_num + 1`` logit maps, coarse to fine, each at its decoder level's resolution."""
-        _check_input(x, self.in_channels, self.spatial_dims)
+        self._check(x)
         downs, bottleneck, ups, heads = self._chain()
         features = _dynunet_decode(downs, bottleneck, ups, x)  # coarse to fine
         aux = [head(f) for head, f in zip(heads, features) if head is not None]
@@ -188,7 +200,7 @@ class MonaiDynUNet(MultiOutputNetwork):
 
     def forward_final(self, x: Tensor) -> Tensor:
         """Return the final map only (what ``DynUNet`` returns in eval mode), computing no auxiliary head."""
-        _check_input(x, self.in_channels, self.spatial_dims)
+        self._check(x)
         return self.net.output_block(self._path()(x))
 
     def auxiliary_heads(self) -> nn.ModuleList:

@@ -79,6 +79,8 @@ def test_adapter_errors_name_the_fix(monkeypatch):
         MonaiDynUNet(1, 2, spatial_dims=1)
     with pytest.raises(LomixUserError, match=r"\(B, 1, D, H, W\)"):
         MonaiDynUNet(1, 2, strides=(1, 2, 2), filters=(2, 2, 2), deep_supr_num=1)(torch.zeros(1, 1, 8, 8))
+    with pytest.raises(LomixUserError, match=r"divisible by \[2, 4, 4\]"):
+        MonaiDynUNet(1, 2, strides=(1, [1, 2, 2], 2), filters=(2, 2, 2), deep_supr_num=1)(torch.zeros(1, 1, 4, 8, 6))
     with pytest.raises(LomixUserError, match="divisible"):
         MonaiSegResNetDS(1, 2, spatial_dims=2, init_filters=2, blocks_down=(1, 1), dsdepth=1)(torch.zeros(1, 1, 7, 8))
     monkeypatch.setitem(sys.modules, "monai", None)  # as if not installed
