@@ -35,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reference_loop import ReferenceLoopLoss  # noqa: E402
+from volumes import bench_volumes  # noqa: E402  (the 3-D case, issue #16)
 
 from lomix_lightning import LoMixLoss, LoMixSegmentationModule  # noqa: E402
 from lomix_lightning._engine.native import library  # noqa: E402
@@ -461,10 +462,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wait-quiet", type=float, default=None, help="wait for a 1-min load average below this")
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)  # internal: one memory probe
     parser.add_argument("--quick", action="store_true", help="3 rounds of everything (a first run on a new machine)")
+    parser.add_argument("--volume-size", type=int, default=64, help="3-D case: B=2, C=14, side^3 (CPU; 0: skip)")
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds_loss = args.rounds_step = args.rounds_export = 3
         args.rounds_weighting = 1
+        args.volume_size = min(args.volume_size, 32)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if args.probe is not None:
@@ -490,12 +493,15 @@ def main(argv: list[str] | None = None) -> int:
     result["peak_memory_bytes"] = bench_memory(args)
     wait_quiet(args.wait_quiet)
     result["export"] = bench_export(args, device)
+    if args.volume_size and device.type == "cpu":  # the 3-D case (benchmarks/volumes.py)
+        volume_args = argparse.Namespace(batch=2, classes=14, size=args.volume_size, threads=args.threads)
+        result["volumes_3d"] = bench_volumes(volume_args, interleaved, min(args.rounds_step, 3))
     result["ratios"] = summarize(result)
     result["seconds"] = time.perf_counter() - started
     with contextlib.suppress(OSError):
         result["machine"]["load_average_end"] = os.getloadavg()
     print_table(result)
-    print(json.dumps(result["ratios"], indent=2))
+    print(json.dumps(result["ratios"] | {"volumes_3d": result.get("volumes_3d", {}).get("ratios")}, indent=2))
     if args.output is not None:
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps(result, indent=2))

@@ -84,7 +84,7 @@ def check_batch(batch: Any, in_channels: int | None) -> tuple[Tensor, Tensor]:
         got = sorted(batch) if isinstance(batch, Mapping) else type(batch).__name__
         raise LomixUserError(f"batches must be dicts with 'image' (B, C, H, W) and 'mask' (B, H, W), got {got}")
     image, mask = batch["image"], batch["mask"]
-    if isinstance(in_channels, int) and image.ndim == 4 and image.shape[1] != in_channels:
+    if isinstance(in_channels, int) and image.ndim in (4, 5) and image.shape[1] != in_channels:
         raise LomixUserError(
             f"images have {image.shape[1]} channels but the network expects in_channels={in_channels} "
             f"(image shape {tuple(image.shape)})"

@@ -24,6 +24,7 @@ from lomix_lightning.metrics.scores import CaseScores, SegmentationScores
 from lomix_lightning.metrics.summary import print_metrics_table
 from lomix_lightning.metrics.volume import evaluate_volume, predict_volume
 from lomix_lightning.resize import resize_logits
+from lomix_lightning.sliding_window import SlidingWindow, batch_spacings, sliding_window_logits
 
 __all__ = ["SegmentationEvaluator", "is_volume", "predict_labels"]
 
@@ -71,12 +72,14 @@ class SegmentationEvaluator(nn.Module):
         ignore_index: int | None = None,
         hd95: bool = True,
         hd95_empty_rule: EmptyRule = "transunet",
+        sliding_window: SlidingWindow | None = None,
     ) -> None:
         super().__init__()
         self.num_scored = scored_classes(num_classes)
         self.class_names = list(class_names)
         self.ignore_index = ignore_index
         self.rule = hd95_empty_rule
+        self.sliding_window = sliding_window  # checked options: whole images/volumes window by window
         self.val_scores = SegmentationScores(
             self.num_scored, hd95=hd95, rule=hd95_empty_rule, ignore_index=ignore_index
         )
@@ -87,7 +90,7 @@ class SegmentationEvaluator(nn.Module):
     def validation_step(self, model: pl.LightningModule, batch: Mapping[str, Tensor]) -> None:
         """Add a batch's prediction to the pooled validation scores."""
         image, mask = model.checked_batch(batch, "validation")
-        logits = resize_logits(model(image), mask.shape[-2:])
+        logits = resize_logits(model(image), mask.shape[2 - image.ndim :])
         self.val_scores.update(predict_labels(logits), mask.long())
 
     def validation_epoch_end(self, model: pl.LightningModule) -> None:
@@ -120,13 +123,20 @@ class SegmentationEvaluator(nn.Module):
             img_size = self.volume_img_size(predict)
             return [evaluate_volume(predict, image, mask, self.num_scored, img_size, spacing=spacing, rule=self.rule)]
         image, mask = check(batch, "test") if check is not None else (batch["image"], batch["mask"])
-        pred = predict_labels(resize_logits(predict(image), mask.shape[-2:]))
+        pred = predict_labels(resize_logits(self.whole_logits(predict, image), mask.shape[2 - image.ndim :]))
         mask = mask.long()
         if self.ignore_index is not None:
             keep = mask != self.ignore_index
             pred, mask = torch.where(keep, pred, 0), torch.where(keep, mask, 0)
-        pairs = zip(pred.cpu().numpy(), mask.cpu().numpy())
-        return [per_class_metrics(p, t, self.num_scored, rule=self.rule) for p, t in pairs]
+        spacings = batch_spacings(batch, len(pred))  # per image, for HD95 (None: voxel units)
+        cases = zip(pred.cpu().numpy(), mask.cpu().numpy(), spacings)
+        return [per_class_metrics(p, t, self.num_scored, spacing, rule=self.rule) for p, t, spacing in cases]
+
+    def whole_logits(self, predict: Any, image: Tensor) -> Tensor:
+        """Prediction logits of whole test images or volumes: window by window when ``sliding_window`` is set."""
+        if self.sliding_window is None:
+            return predict(image)
+        return sliding_window_logits(predict, image, self.sliding_window)
 
     def test_epoch_end(self, model: pl.LightningModule) -> None:
         """Log the means over cases, keep the per-case arrays in :attr:`test_case_results`, print the table."""
@@ -146,7 +156,7 @@ class SegmentationEvaluator(nn.Module):
         if is_volume(batch):
             return predict_volume(model, batch["image"], img_size=self.volume_img_size(model))[None]
         image = batch["image"] if isinstance(batch, Mapping) else batch
-        return predict_labels(model(image))
+        return predict_labels(self.whole_logits(model, image))
 
     @staticmethod
     def volume_img_size(model: Any) -> int:

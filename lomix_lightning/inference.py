@@ -76,7 +76,7 @@ class PredictionNetwork(nn.Module):
         outputs = self.core(x)
         if isinstance(outputs, Tensor):
             outputs = [outputs]
-        return combine_outputs(outputs, x.shape[-2:], self.mode)
+        return combine_outputs(outputs, x.shape[2:], self.mode)
 
 
 def prediction_core(network: nn.Module, mode: InferenceOutput) -> nn.Module:

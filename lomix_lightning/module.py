@@ -33,6 +33,7 @@ from lomix_lightning.nonfinite import NonFiniteLossGuard
 from lomix_lightning.optimization import build_optimizers
 from lomix_lightning.probing import probe_weighting
 from lomix_lightning.resize import resize_logits
+from lomix_lightning.sliding_window import SlidingWindow, check_sliding_window
 
 Operator = Literal["add", "mul", "cat", "awf"]
 
@@ -84,6 +85,9 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
             remembered on the device and reported at the next logging step (``log_every_n_steps``) or epoch end.
         memory_efficient: Passed to :class:`~lomix_lightning.LoMixLoss`: recompute every mutant and softmax in
             backward, in chunks of images, instead of keeping them (lowest memory, same gradients).
+        sliding_window: Test and predict whole images or volumes window by window with MONAI's
+            ``sliding_window_inference``: a dict with ``roi_size`` (required), ``overlap`` (0.25), ``mode``
+            (``"gaussian"`` or ``"constant"``) and ``sw_batch_size`` (1); ``None``: the whole input at once.
 
     Example:
         >>> from lomix_lightning.models import UNet
@@ -117,6 +121,7 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
         img_size: int | None = None,
         nonfinite_loss: Literal["raise", "skip"] = "raise",
         memory_efficient: bool = False,
+        sliding_window: SlidingWindow | None = None,
     ) -> None:
         super().__init__()
         objects = ["network", "optimizer", "lr_scheduler"]  # built objects; plain-data configs are kept
@@ -145,7 +150,9 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
             num_outputs = declared if isinstance(declared, int) else inference.count_outputs(network)
         if num_outputs is not None:  # else a network the meta device cannot run: counted on a batch in setup
             self._build_criterion(num_outputs)
-        self.evaluator = SegmentationEvaluator(num_classes, self.class_names, ignore_index, hd95, hd95_empty_rule)
+        self.evaluator = SegmentationEvaluator(
+            num_classes, self.class_names, ignore_index, hd95, hd95_empty_rule, check_sliding_window(sliding_window)
+        )
         self._init_nonfinite_guard()
         self.engine: str | None = None  # the CE + Dice engine, known when fit starts
 
@@ -209,8 +216,8 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
     def forward(self, x: Tensor) -> Tensor:
         """Prediction logits ``(B, C, H, W)`` at the input resolution: the last map, or the sum of all maps."""
         if self.hparams.inference_output == "last" and callable(getattr(self.network, "forward_final", None)):
-            return resize_logits(self.network.forward_final(x), x.shape[-2:])
-        return combine_outputs(as_output_list(self.network(x)), x.shape[-2:], self.hparams.inference_output)
+            return resize_logits(self.network.forward_final(x), x.shape[2:])
+        return combine_outputs(as_output_list(self.network(x)), x.shape[2:], self.hparams.inference_output)
 
     def predict_labels(self, logits: Tensor) -> Tensor:
         """Class indices ``(B, H, W)`` from prediction logits (sigmoid > 0.5 for one channel)."""
@@ -239,7 +246,7 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
     def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor | None:
         image, mask = self._check_batch(batch)
         saved = self._buffers_before_step()  # skip mode only (see nonfinite.py)
-        outputs = self._network_outputs(image, mask.shape[-2:])
+        outputs = self._network_outputs(image, mask.shape[2 - image.ndim :])  # (H, W) or (D, H, W)
         # labels checked on the host in on_before_batch_transfer need no check here (that one reads a device value)
         result = self.criterion(outputs, mask, check_target=not self._labels_checked_on_host())
         if self._guard_nonfinite(result, batch_idx, saved):

@@ -25,8 +25,12 @@ def write_synapse(
     train_dir: str = "train_npz",
     test_dir: str = "test_vol_h5",
     list_dir: Path | None = None,
+    train_volumes: bool = False,
 ) -> Path:
     """Synapse: ``train_dir/<case>_slice<k>.npz``, ``test_dir/<case>.npy.h5``, ``train.txt`` and ``test_vol.txt``.
+
+    With ``train_volumes`` also ``train_vol_h5/<case>.npy.h5`` (what ``prepare-synapse --train_volumes`` adds):
+    raw 14-class ids and a ``spacing``, as the test volumes.
 
     ``prepare-synapse`` writes ``train_npz``, ``test_vol_h5`` and ``lists``; the TransUNet/LoMix release names them
     ``train_npz_new``, ``test_vol_h5_new`` and ``lists_Synapse``. With ``labels14`` the ids are raw BTCV ones
@@ -60,6 +64,17 @@ def write_synapse(
         with h5py.File(root / test_dir / f"{case}.npy.h5", "w") as f:
             f.create_dataset("image", data=0.3 * rng.random((depth, size, size)) + 0.6 * (label > 0))
             f.create_dataset("label", data=label)
+    for ci, case in enumerate(train_cases if train_volumes else ()):
+        (root / "train_vol_h5").mkdir(exist_ok=True)
+        label = np.zeros((depth, size, size), dtype=np.uint8)
+        label[depth // 4 : 3 * depth // 4, box, box] = 1 + ci % 8
+        label[1:, int(40 * scale) : int(50 * scale), int(40 * scale) : int(50 * scale)] = 11  # pancreas -> 5
+        with h5py.File(root / "train_vol_h5" / f"{case}.npy.h5", "w") as f:
+            f.create_dataset(
+                "image", data=(0.3 * rng.random((depth, size, size)) + 0.6 * (label > 0)).astype(np.float32)
+            )
+            f.create_dataset("label", data=label)
+            f.create_dataset("spacing", data=np.array([3.0, 0.8, 0.8], dtype=np.float32))
     (list_dir / "train.txt").write_text("\n".join(names) + "\n")
     (list_dir / "test_vol.txt").write_text("\n".join(test_cases) + "\n")
     return root

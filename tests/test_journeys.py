@@ -48,6 +48,15 @@ TRANSUNET_RELEASE = [
 ]
 """The README's command for the TransUNet/LoMix release (checked by test_readme_release_command_is_the_journeys)."""
 SHAPES = ["blob", "lines", "dots"]  # SyntheticShapesDataModule's names of classes 1-3
+VOLUMES = [  # demo_3d.yaml at a tiny size: 16^3 training volumes, 24^3 test volumes by a 16^3 sliding window
+    "--data.init_args.volume_size=16",
+    "--data.init_args.test_volume_size=24",
+    "--data.init_args.num_train=2",
+    "--data.init_args.num_val=1",
+    "--data.init_args.num_test=1",
+    "--model.init_args.network.init_args.filters=[4,8,8,16]",
+    "--model.init_args.sliding_window.roi_size=16",
+]
 
 
 @dataclass(frozen=True)
@@ -65,9 +74,22 @@ class Journey:
     csv_logger: bool = True
     export_format: str = "torchscript"  # torch.export ("export", the default) takes ~10 s: once per network family
     variant: str = ""
+    spatial_dims: int = 2  # 3: the exported network takes (B, C, size, size, size)
 
 
 FOLDER = [*PVT, *FILES, "--data.init_args.batch_size=4"]
+SYNAPSE_3D = [  # synapse_3d_dynunet.yaml at a tiny size: 4x16x16 patches of 4x32x32 volumes, a 3-level DynUNet
+    "--data.init_args.patch_size=[4,16,16]",
+    "--trainer.check_val_every_n_epoch=1",  # the config validates every 5th epoch
+    "--data.init_args.samples_per_volume=2",
+    "--data.init_args.val_samples_per_volume=1",
+    "--data.init_args.num_workers=0",
+    "--model.init_args.sliding_window.roi_size=[4,16,16]",
+    "--model.init_args.network.init_args.strides=[[1,1,1],[1,2,2],[1,2,2]]",
+    "--model.init_args.network.init_args.kernel_size=[3,3,3]",
+    "--model.init_args.network.init_args.filters=[4,8,8]",
+    "--model.init_args.network.init_args.deep_supr_num=1",
+]
 JOURNEYS: dict[str, list[Journey]] = {
     "demo.yaml": [Journey([*SYNTHETIC, *UNET], SHAPES, cases=3, subprocess=True, export_format="export")],
     "debug.yaml": [Journey([*SYNTHETIC, *UNET], SHAPES, base="demo.yaml", cases=1, checkpoint=False, csv_logger=False)],
@@ -81,6 +103,7 @@ JOURNEYS: dict[str, list[Journey]] = {
             export_format="export",
         )
     ],
+    "demo_3d.yaml": [Journey(VOLUMES, ["blob", "tubes", "dots"], size=16, spatial_dims=3)],
     "timm_unet.yaml": [Journey(SYNTHETIC, SHAPES, cases=3, export_format="export")],
     "synapse_pvt_emcad_b2.yaml": [
         Journey(
@@ -97,6 +120,7 @@ JOURNEYS: dict[str, list[Journey]] = {
             variant="transunet-release",
         ),
     ],  # fmt: skip
+    "synapse_3d_dynunet.yaml": [Journey(SYNAPSE_3D, synapse_class_names(9)[1:], cases=2, size=16, spatial_dims=3)],
     "acdc_pvt_emcad_b2.yaml": [
         Journey([*PVT, *FILES, "--data.init_args.batch_size=2"], ["RV", "Myo", "LV"], cases=2, subprocess=True)
     ],
@@ -129,7 +153,7 @@ def data_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("journey_data")
     data = root / "data"
     cases = ["case0005", "case0006", "case0007"]  # the last two are the validation cases
-    write_synapse(data / "synapse", cases, slices=2, size=32, depth=4)  # what `lomix prepare-synapse` writes
+    write_synapse(data / "synapse", cases, slices=2, size=32, depth=4, train_volumes=True)  # prepare-synapse's layout
     release = data / "Synapse"  # the TransUNet/LoMix release's names
     write_synapse(release, cases, slices=2, size=32, depth=4, labels14=False, train_dir="train_npz_new",
                   test_dir="test_vol_h5_new", list_dir=release / "lists_Synapse")  # fmt: skip
@@ -233,12 +257,12 @@ def test_journey(config, journey, data_root, tmp_path, monkeypatch, capsys):
     assert code == 0, err[-3000:]
     assert f"exported the prediction network ({fmt}) to {exported}" in out
     network = torch.export.load(exported).module() if fmt == "export" else torch.jit.load(str(exported))
-    x = torch.randn(2 if fmt == "torchscript" else 3, journey.in_channels, journey.size, journey.size)
+    x = torch.randn(2 if fmt == "torchscript" else 3, journey.in_channels, *[journey.size] * journey.spatial_dims)
     model = LoMixSegmentationModule.load_from_checkpoint(checkpoints[0], weights_only=True).eval()
     with torch.no_grad():
         expected = model(x)
         got = network(x)
-    assert got.shape == (len(x), max(model.num_classes, 1), journey.size, journey.size) and math.isfinite(
+    assert got.shape == (len(x), max(model.num_classes, 1), *[journey.size] * journey.spatial_dims) and math.isfinite(
         float(got.sum())
     )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

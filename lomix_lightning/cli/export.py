@@ -53,7 +53,8 @@ def export_checkpoint(
     module = load_module(ckpt_path)
     exported = module.export_network()
     channels = in_channels or getattr(module.network, "in_channels", None) or 3
-    example = torch.zeros(2, channels, input_size, input_size)
+    spatial_dims = getattr(module.network, "spatial_dims", 2)  # 3-D networks (e.g. MonaiDynUNet) take a cube
+    example = torch.zeros(2, channels, *[input_size] * spatial_dims)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "state_dict":

@@ -19,7 +19,12 @@ def prepare_synapse_main(argv: Sequence[str]) -> int:
     )
     parser.add_argument("raw_dir", help="folder holding the raw NIfTI files")
     parser.add_argument("out_dir", help="output folder")
+    parser.add_argument(
+        "--train_volumes",
+        action="store_true",
+        help="also write whole training volumes (train_vol_h5/) for 3-D training",
+    )
     args = parser.parse_args(list(argv))
-    result = prepare_synapse(args.raw_dir, args.out_dir)
+    result = prepare_synapse(args.raw_dir, args.out_dir, train_volumes=args.train_volumes)
     print(f"Synapse prepared in {args.out_dir}: {result}")
     return 0

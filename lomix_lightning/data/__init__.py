@@ -20,7 +20,9 @@ from lomix_lightning.data.folder import (
 )
 from lomix_lightning.data.prepare_synapse import TRANSUNET_TEST_CASES, TRANSUNET_TRAIN_CASES, prepare_synapse
 from lomix_lightning.data.synapse import SYNAPSE_14_TO_9, SynapseDataModule, synapse_class_names
+from lomix_lightning.data.synapse_volumes import SynapseVolumesDataModule
 from lomix_lightning.data.synthetic import SyntheticShapesDataModule, SyntheticShapesDataset, make_shapes_sample
+from lomix_lightning.data.synthetic_volumes import SyntheticVolumesDataModule, SyntheticVolumesDataset
 
 __all__ = [
     "ACDCDataModule",
@@ -32,8 +34,11 @@ __all__ = [
     "SeededTransform",
     "SliceDataset",
     "SynapseDataModule",
+    "SynapseVolumesDataModule",
     "SyntheticShapesDataModule",
     "SyntheticShapesDataset",
+    "SyntheticVolumesDataModule",
+    "SyntheticVolumesDataset",
     "TRANSUNET_TEST_CASES",
     "TRANSUNET_TRAIN_CASES",
     "VolumeDataset",

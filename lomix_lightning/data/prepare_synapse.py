@@ -10,6 +10,7 @@ with their 14 raw ids (the 14 -> 9 remap happens in the data module). Output::
     out_dir/train_npz/case0005_slice000.npz   # image float32 (x, y), label uint8 (x, y); one per axial slice
     out_dir/test_vol_h5/case0001.npy.h5       # image float32 (z, x, y), label uint8 (z, x, y), spacing (3,)
     out_dir/lists/train.txt, test_vol.txt     # slice names / case names
+    out_dir/train_vol_h5/case0005.npy.h5      # with train_volumes=True: whole training volumes, as the test ones
 
 ``spacing`` is the voxel size along the stored axes ``(z, x, y)``, from the NIfTI header; the data module passes it
 on only with ``return_spacing=True`` (HD95 in mm instead of the paper's voxel units).
@@ -91,6 +92,15 @@ def _load_case(image_path: Path, label_path: Path, hu_min: float, hu_max: float,
     return image, label, zooms[[2, 0, 1]]
 
 
+def _write_volume(path: Path, image: np.ndarray, label: np.ndarray, spacing: np.ndarray) -> None:
+    """One ``.npy.h5`` volume file: image, label and spacing along the stored axes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("image", data=image)
+        f.create_dataset("label", data=label)
+        f.create_dataset("spacing", data=spacing)
+
+
 def prepare_synapse(
     raw_dir: str,
     out_dir: str,
@@ -100,6 +110,7 @@ def prepare_synapse(
     hu_min: float = -125.0,
     hu_max: float = 275.0,
     verbose: bool = True,
+    train_volumes: bool = False,
 ) -> dict[str, int]:
     """Write the training slices, test volumes and list files (see the module docstring).
 
@@ -112,6 +123,8 @@ def prepare_synapse(
         hu_min: Lower HU clip.
         hu_max: Upper HU clip.
         verbose: Print one line per case.
+        train_volumes: Also write each training case as a whole volume to ``train_vol_h5/`` (for 3-D training with
+            :class:`~lomix_lightning.data.synapse_volumes.SynapseVolumesDataModule`).
 
     Returns:
         ``{"train_cases", "train_slices", "test_cases"}`` counts.
@@ -145,7 +158,9 @@ def prepare_synapse(
         folder.mkdir(parents=True, exist_ok=True)
     slice_names: list[str] = []
     for case in train_cases:
-        image, label, _ = _load_case(*found[case], hu_min, hu_max, nib)
+        image, label, spacing = _load_case(*found[case], hu_min, hu_max, nib)
+        if train_volumes:  # 3-D training: the whole volume too
+            _write_volume(out / "train_vol_h5" / f"{case}.npy.h5", image, label, spacing)
         for k in range(image.shape[0]):
             name = f"{case}_slice{k:03d}"
             np.savez(out / "train_npz" / f"{name}.npz", image=image[k], label=label[k])
@@ -154,10 +169,7 @@ def prepare_synapse(
             print(f"train {case}: {image.shape[0]} slices")
     for case in test_cases:
         image, label, spacing = _load_case(*found[case], hu_min, hu_max, nib)
-        with h5py.File(out / "test_vol_h5" / f"{case}.npy.h5", "w") as f:
-            f.create_dataset("image", data=image)
-            f.create_dataset("label", data=label)
-            f.create_dataset("spacing", data=spacing)
+        _write_volume(out / "test_vol_h5" / f"{case}.npy.h5", image, label, spacing)
         if verbose:
             print(f"test  {case}: volume {image.shape}")
     (lists / "train.txt").write_text("".join(f"{n}\n" for n in slice_names))

@@ -64,13 +64,14 @@ def checked_target(
         ValueError: target holds labels [5] outside [0, 3)
     """
     binary = num_classes == 1
-    if binary and target.ndim == 4 and target.shape[1] == 1:
+    if binary and target.ndim == len(size) + 2 and target.shape[1] == 1:
         target = target[:, 0]
     expected = (batch, *size)
     if tuple(target.shape) != expected:
-        extra = " or (B, 1, H, W)" if binary else ""
+        dims = "D, H, W" if len(size) == 3 else "H, W"
+        extra = f" or (B, 1, {dims})" if binary else ""
         raise ValueError(
-            f"target has shape {tuple(target.shape)}, expected (B, H, W){extra} = {expected} "
+            f"target has shape {tuple(target.shape)}, expected (B, {dims}){extra} = {expected} "
             "to match the batch size and the largest output resolution"
         )
     if not binary and (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool):

@@ -13,7 +13,7 @@ from lomix_lightning._engine import ENGINES, EngineName, lomix_ce_dice_stats, re
 from lomix_lightning._engine.native import engine as native_engine
 from lomix_lightning.losses.ce_dice import ce_dice_from_stats, ce_dice_target
 from lomix_lightning.losses.checks import PerMapLoss, check_devices_and_batch, checked_target, per_map_loss
-from lomix_lightning.losses.mutation import CombinatorialMutation, upsample_to
+from lomix_lightning.losses.mutation import CombinatorialMutation, as_planar, upsample_to
 from lomix_lightning.losses.precision import full_precision, fusion_dtype
 from lomix_lightning.losses.subsets import OPERATORS, map_family
 from lomix_lightning.losses.weighting import LossWeighting, WeightingName, build_weighting
@@ -258,21 +258,24 @@ class LoMixLoss(nn.Module):
         """
         self.mutation.validate(outputs)
         check_devices_and_batch(outputs, target)
+        size = self.mutation.output_size(outputs)  # (H, W), or (D, H, W) for 3-D maps
+        if len(size) == 3 and self.loss_name == "structure":
+            raise ValueError("loss='structure' is 2-D only (its boundary weight pools over H, W); use 'ce_dice'")
         with full_precision(outputs[0].device):
             if self.scheme == "last_layer":
-                size = self.mutation.output_size(outputs)
                 stacked = upsample_to([outputs[-1]], size, fusion_dtype(outputs[-1].dtype))[0].unsqueeze(1)
+                stacked = as_planar(stacked)  # 3-D: (B, 1, C, D, H, W) -> (B, 1, C, D*H, W)
                 operators, unused = (), outputs[:-1]
             else:
                 operators = self.operators if self.mutation.subsets else ()  # one map: no subset to fuse
                 stacked, unused = self.mutation.prepare(outputs), ()
             check = self.check_target if check_target is None else check_target
-            size, batch = tuple(stacked.shape[-2:]), stacked.shape[0]
-            target = checked_target(target, size, batch, self.num_classes, self.ignore_index, check)
+            target = checked_target(target, size, stacked.shape[0], self.num_classes, self.ignore_index, check)
+            target = target.reshape(stacked.shape[0], *stacked.shape[-2:])  # 3-D: (B, D, H, W) -> (B, D*H, W)
             if self._per_map_loss is None:
                 per_map = self._ce_dice_maps(stacked, operators, target)
             else:
-                per_map = torch.cat([self._group_loss(op, stacked, target) for op in ("original", *operators)])
+                per_map = torch.cat([self._group_loss(op, stacked, target, size) for op in ("original", *operators)])
             weights = self.weights().to(per_map.dtype)
             self._last_weights = weights.detach()
             weighted = weights * per_map
@@ -297,11 +300,13 @@ class LoMixLoss(nn.Module):
         stats = lomix_ce_dice_stats(stacked, operators, self.mutation.plan, prepared, inputs, self.memory_efficient)
         return ce_dice_from_stats(stats, prepared, self.ce_weight, self.dice_weight)
 
-    def _group_loss(self, op: str, stacked: Tensor, target: Tensor) -> Tensor:
+    def _group_loss(self, op: str, stacked: Tensor, target: Tensor, size: tuple[int, ...]) -> Tensor:
         """``(K,)`` losses of one operator's maps with a per-map loss other than ``ce_dice``."""
+        target = target.reshape(target.shape[0], *size)  # 3-D: back to (B, D, H, W) for the user's loss
 
         def losses(stacked: Tensor) -> Tensor:
             maps = stacked if op == "original" else self.mutation.fuse(op, stacked)  # (B, K, C, H, W)
+            maps = maps.reshape(*maps.shape[:3], *size)  # 3-D: (B, K, C, D*H, W) -> (B, K, C, D, H, W)
             if self.loss_name == "structure":
                 return self._per_map_loss(maps, target)
             return torch.stack([self._per_map_loss(maps[:, k], target).reshape(()) for k in range(maps.shape[1])])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -17,18 +18,31 @@ from lomix_lightning.losses.precision import full_precision, fusion_dtype
 from lomix_lightning.losses.subsets import OPERATORS, enumerate_subsets, map_names, validate_operators
 from lomix_lightning.resize import resize_logits
 
-__all__ = ["CombinatorialMutation", "upsample_to"]
+__all__ = ["CombinatorialMutation", "as_planar", "upsample_to"]
 
 _MAX_QUIET_OUTPUTS = 6
 
 
-def upsample_to(outputs: Sequence[Tensor], size: tuple[int, int], dtype: torch.dtype) -> list[Tensor]:
-    """Cast maps to ``dtype`` and resize those of another size to ``size`` (bilinear, ``align_corners=False``)."""
+def upsample_to(outputs: Sequence[Tensor], size: tuple[int, ...], dtype: torch.dtype) -> list[Tensor]:
+    """Cast maps to ``dtype`` and resize those of another size to ``size`` (bi/trilinear, ``align_corners=False``)."""
     resized = []
     for out in outputs:
         out = out.to(dtype)
         resized.append(resize_logits(out, size))
     return resized
+
+
+def as_planar(stacked: Tensor) -> Tensor:
+    """View stacked 3-D maps ``(B, L, C, D, H, W)`` as ``(B, L, C, D*H, W)``; 2-D maps pass unchanged.
+
+    Every engine works per pixel and sums over all pixels of a map, so a volume's voxels become the pixels of one
+    ``(D*H, W)`` image: CE means, Dice sums and the 1x1(x1) convolutions of ``cat``/``awf`` are then over all voxels.
+
+    Example:
+        >>> as_planar(torch.zeros(2, 3, 4, 5, 6, 7)).shape
+        torch.Size([2, 3, 4, 30, 7])
+    """
+    return stacked.flatten(3, 4) if stacked.ndim == 6 else stacked  # (B, L, C, D, H, W) -> (B, L, C, D*H, W)
 
 
 def _subset_key(subset: tuple[int, ...]) -> str:
@@ -44,6 +58,7 @@ class CombinatorialMutation(nn.Module):
     autocast. ``cat`` holds one learned 1x1 convolution per subset (``|S|*C -> C``, Eq. 3); ``awf`` one learned 1x1
     convolution per subset over the concatenation (``|S|*C -> |S|`` scores, Eq. 4), softmax over the members per
     pixel, and the weighted sum of the member logits (Eq. 5). Only the chosen operators create parameters.
+    Volumes ``(B, C, D, H, W)`` work alike: trilinear resize, and the 1x1 convolutions act per voxel (1x1x1).
 
     Internally the maps are stacked once into ``(B, L, C, H, W)``; each operator writes all its mutants into one
     ``(B, K, C, H, W)`` tensor with a hand-written backward: ``add``/``mul`` reuse the result of each subset's
@@ -227,7 +242,7 @@ class CombinatorialMutation(nn.Module):
         return TorchInputs(block, self.dense_slices(), tables)
 
     def validate(self, outputs: Sequence[Tensor]) -> None:
-        """Check the network outputs: count, tensor type, 4-D, same batch size, ``num_classes`` channels.
+        """Check the network outputs: count, tensor type, all 4-D or all 5-D, same batch size, ``num_classes`` channels.
 
         Raises:
             TypeError: If ``outputs`` is not a sequence of tensors.
@@ -243,8 +258,15 @@ class CombinatorialMutation(nn.Module):
         for i, out in enumerate(outputs):
             if not isinstance(out, Tensor):
                 raise TypeError(f"output {i} (P{i + 1}) must be a Tensor, got {type(out).__name__}")
-            if out.ndim != 4:
-                raise ValueError(f"output P{i + 1} must have shape (B, C, H, W), got shape {tuple(out.shape)}")
+            if out.ndim not in (4, 5):
+                raise ValueError(
+                    f"output P{i + 1} must have shape (B, C, H, W) or (B, C, D, H, W), got shape {tuple(out.shape)}"
+                )
+            if out.ndim != outputs[0].ndim:  # 3-D support: no mixing of 2-D and 3-D maps
+                raise ValueError(
+                    f"outputs mix 2-D and 3-D maps: P1 has shape {tuple(outputs[0].shape)}, "
+                    f"P{i + 1} has shape {tuple(out.shape)}; all must be (B, C, H, W) or all (B, C, D, H, W)"
+                )
             if out.shape[1] != self.num_classes:
                 raise ValueError(
                     f"output P{i + 1} has {out.shape[1]} channels but num_classes={self.num_classes} "
@@ -256,10 +278,10 @@ class CombinatorialMutation(nn.Module):
                 )
 
     @staticmethod
-    def output_size(outputs: Sequence[Tensor]) -> tuple[int, int]:
-        """The largest spatial size among the outputs (by pixel count)."""
-        largest = max(outputs, key=lambda t: t.shape[-1] * t.shape[-2])
-        return int(largest.shape[-2]), int(largest.shape[-1])
+    def output_size(outputs: Sequence[Tensor]) -> tuple[int, ...]:
+        """The largest spatial size among the outputs (by pixel or voxel count): ``(H, W)`` or ``(D, H, W)``."""
+        largest = max(outputs, key=lambda t: math.prod(t.shape[2:]))
+        return tuple(int(s) for s in largest.shape[2:])
 
     def prepare(self, outputs: Sequence[Tensor]) -> Tensor:
         """Validate the outputs, cast them to the fusion dtype, resize them to the largest size and stack them.
@@ -267,10 +289,11 @@ class CombinatorialMutation(nn.Module):
         Call under :func:`full_precision` to keep autocast off.
 
         Returns:
-            ``(B, L, C, H, W)``: the maps ``P1..PL``.
+            ``(B, L, C, H, W)``: the maps ``P1..PL``; 3-D maps as ``(B, L, C, D*H, W)`` (see :func:`as_planar`).
         """
         self.validate(outputs)
-        return torch.stack(upsample_to(outputs, self.output_size(outputs), fusion_dtype(outputs[0].dtype)), dim=1)
+        stacked = torch.stack(upsample_to(outputs, self.output_size(outputs), fusion_dtype(outputs[0].dtype)), dim=1)
+        return as_planar(stacked)
 
     def fuse(self, operator: str, stacked: Tensor) -> Tensor:
         """One operator's mutants ``(B, K, C, H, W)``, one map per subset in :attr:`subsets` order."""
@@ -282,8 +305,10 @@ class CombinatorialMutation(nn.Module):
         return FuseFunction.apply(operator, self.plan, stacked.contiguous(), weight, bias)
 
     def forward(self, outputs: Sequence[Tensor]) -> dict[str, Tensor]:
-        """Every supervised map by name (see :attr:`map_names`), each ``(B, C, H, W)``."""
+        """Every supervised map by name (see :attr:`map_names`), each ``(B, C, H, W)`` (3-D: ``(B, C, D, H, W)``)."""
         with full_precision(outputs[0].device if len(outputs) else torch.device("cpu")):
             stacked = self.prepare(outputs)
             groups = [stacked] + [self.fuse(op, stacked) for op in self.operators]
+        size = self.output_size(outputs)
+        groups = [g.reshape(*g.shape[:3], *size) for g in groups]  # 3-D: (B, K, C, D*H, W) -> (B, K, C, D, H, W)
         return dict(zip(self.map_names, [group[:, k] for group in groups for k in range(group.shape[1])]))

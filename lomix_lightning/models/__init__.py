@@ -2,8 +2,18 @@
 
 from lomix_lightning.models._base import FinalMapNetwork, MultiOutputNetwork
 from lomix_lightning.models.emcad import EMCADNet
+from lomix_lightning.models.monai import MonaiDynUNet, MonaiSegResNetDS
 from lomix_lightning.models.smp import MultiScaleSMP
 from lomix_lightning.models.timm_unet import TimmUNet
 from lomix_lightning.models.unet import UNet
 
-__all__ = ["EMCADNet", "FinalMapNetwork", "MultiOutputNetwork", "MultiScaleSMP", "TimmUNet", "UNet"]
+__all__ = [
+    "EMCADNet",
+    "FinalMapNetwork",
+    "MonaiDynUNet",
+    "MonaiSegResNetDS",
+    "MultiOutputNetwork",
+    "MultiScaleSMP",
+    "TimmUNet",
+    "UNet",
+]
