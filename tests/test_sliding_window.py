@@ -77,4 +77,4 @@ def test_module_tests_whole_volumes_by_windows_with_spacing():
             np.testing.assert_allclose(module.test_case_results[key][case], expected[key], rtol=1e-5, equal_nan=True)
         whole = LoMixSegmentationModule(net, 4, sliding_window={"roi_size": 24}).eval()
         with torch.no_grad():
-            torch.testing.assert_close(whole._whole_logits(batch["image"]), module(batch["image"]))
+            torch.testing.assert_close(whole.evaluator.whole_logits(whole, batch["image"]), module(batch["image"]))
