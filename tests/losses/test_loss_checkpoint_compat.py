@@ -1,6 +1,6 @@
 """A checkpoint written before the loss core moved to ``losses/`` and ``_engine/`` still loads, key for key.
 
-``files/lomix_before_move.ckpt`` was written by :func:`write_checkpoint` with the code of before the move (commit
+``tests/assets/lomix_before_move.ckpt`` was written by :func:`write_checkpoint` with the code of before the move (commit
 ``1de300d``, loss in ``lomix_lightning/loss.py``); rerun ``python tests/losses/test_loss_checkpoint_compat.py`` only to
 regenerate it on purpose (a state_dict key change is a compatibility break).
 """
@@ -14,7 +14,7 @@ from lomix_lightning import LoMixSegmentationModule
 from lomix_lightning.data import SyntheticShapesDataModule
 from lomix_lightning.models import UNet
 
-CHECKPOINT = Path(__file__).parent / "files" / "lomix_before_move.ckpt"
+CHECKPOINT = Path(__file__).parents[1] / "assets" / "lomix_before_move.ckpt"
 
 
 def _model() -> LoMixSegmentationModule:
