@@ -31,7 +31,7 @@ from lomix_lightning.losses.weighting import WeightingName
 from lomix_lightning.metrics.per_class import EmptyRule
 from lomix_lightning.nonfinite import NonFiniteLossGuard
 from lomix_lightning.optimization import build_optimizers
-from lomix_lightning.probing import probe_weighting
+from lomix_lightning.probing import check_probe_strategy, probe_weighting
 from lomix_lightning.resize import resize_logits
 from lomix_lightning.sliding_window import SlidingWindow, check_sliding_window
 
@@ -268,6 +268,9 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
             self.engine = self.criterion.engine_for(self.device, dtype)  # the criterion's engine (native or why not)
         for logger in self.loggers:
             logger.log_hyperparams({"engine": self.engine})
+        trainer = checks.attached_trainer(self)
+        if trainer is not None:
+            check_probe_strategy(self.criterion, trainer.strategy)  # `aligned` probes unsharded parameters
 
     # ------------------------------------------------------------------ evaluation: see evaluation.py
     @override

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
+from lomix_lightning.errors import LomixUserError
 from lomix_lightning.inference import as_output_list, combine_outputs
 from lomix_lightning.losses.lomix import LoMixLoss
 from lomix_lightning.losses.precision import full_precision, fusion_dtype
@@ -13,6 +15,20 @@ from lomix_lightning.resize import resize_logits
 
 if TYPE_CHECKING:
     from lomix_lightning.module import LoMixSegmentationModule
+
+
+def check_probe_strategy(criterion: LoMixLoss | None, strategy: object) -> None:
+    """Refuse a probing weighting under FSDP at fit start: the probe runs the network on its full parameters.
+
+    Raises:
+        LomixUserError: If the weighting probes gradients and ``strategy`` shards the parameters.
+    """
+    probes = getattr(getattr(criterion, "weighting", None), "maybe_probe", None) is not None
+    if probes and isinstance(strategy, FSDPStrategy):
+        raise LomixUserError(
+            "weighting='aligned' cannot run under strategy=fsdp (its probe needs the unsharded parameters); "
+            "use strategy=ddp, or weighting='learned'/'uncertainty'/'fixed' with FSDP"
+        )
 
 
 def probe_weighting(module: LoMixSegmentationModule, image: Tensor, mask: Tensor) -> None:

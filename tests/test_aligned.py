@@ -227,3 +227,17 @@ def test_training_step_probe_under_bf16_autocast_changes_no_gradient():
             assert torch.isfinite(weighting.alignment).all() and weighting.alignment.abs().sum() > 0
     assert len(grads[True]) == len(grads[False]) > 0
     assert all(torch.equal(a, b) for a, b in zip(grads[True], grads[False]))
+
+
+def test_aligned_is_refused_under_fsdp_with_one_line():
+    """The probe runs the network on its full parameters: FSDP (sharded) is refused at fit start, DDP is not."""
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from lomix_lightning.errors import LomixUserError
+    from lomix_lightning.probing import check_probe_strategy
+
+    aligned = LoMixLoss(2, 3, weighting="aligned")
+    with pytest.raises(LomixUserError, match="weighting='aligned' cannot run under strategy=fsdp"):
+        check_probe_strategy(aligned, FSDPStrategy())
+    check_probe_strategy(aligned, DDPStrategy())
+    check_probe_strategy(LoMixLoss(2, 3, weighting="learned"), FSDPStrategy())

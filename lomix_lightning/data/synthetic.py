@@ -28,9 +28,10 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lomix_lightning.data.components.loaders import make_loader
+from lomix_lightning.data.components.seeded import SeededSamples
 from lomix_lightning.data.components.validation import check_int
 from lomix_lightning.errors import LomixUserError
 
@@ -39,7 +40,6 @@ __all__ = ["SyntheticShapesDataModule", "SyntheticShapesDataset", "make_shapes_s
 _FAMILIES = ("blob", "lines", "dots", "box", "ring")
 _PAINT_RANK = {"blob": 0, "box": 1, "ring": 2, "dots": 3, "lines": 4}  # large first, thin last
 _PALETTE = ((0.95, 0.35, 0.45), (0.55, 0.55, 1.0), (1.0, 0.9, 0.3), (0.35, 0.95, 0.95), (0.4, 1.0, 0.4))
-_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 
 
 def _class_colour(class_id: int, in_channels: int) -> np.ndarray:
@@ -132,7 +132,7 @@ def make_shapes_sample(
     return image.astype(np.float32), mask
 
 
-class SyntheticShapesDataset(Dataset):
+class SyntheticShapesDataset(SeededSamples):
     """Map-style dataset of :func:`make_shapes_sample` draws; item ``i`` depends only on ``(seed, split, i)``.
 
     Args:
@@ -160,21 +160,13 @@ class SyntheticShapesDataset(Dataset):
         split: Literal["train", "val", "test"] = "train",
     ) -> None:
         _check_args(num_classes, in_channels, image_size, seed)
-        check_int("num_samples", num_samples, minimum=1)
-        if split not in _SPLIT_IDS:
-            raise LomixUserError(f"`split` must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
-        self.num_samples, self.num_classes, self.in_channels = num_samples, num_classes, in_channels
-        self.image_size, self.seed, self.split = image_size, seed, split
+        super().__init__(num_samples, seed, split)
+        self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} samples")
-        rng = np.random.default_rng((self.seed, _SPLIT_IDS[self.split], index))
+    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """One image and mask (:func:`make_shapes_sample`)."""
         image, mask = make_shapes_sample(rng, self.num_classes, self.in_channels, self.image_size)
-        return {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask), "name": f"{self.split}_{index:05d}"}
+        return {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask)}
 
 
 def _check_args(num_classes: int, in_channels: int, image_size: int, seed: int) -> None:

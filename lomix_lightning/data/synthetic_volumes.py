@@ -25,16 +25,16 @@ from typing import Literal
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from lomix_lightning.data.components.loaders import make_loader
+from lomix_lightning.data.components.seeded import SeededSamples
 from lomix_lightning.data.components.validation import check_int
 from lomix_lightning.errors import LomixUserError
 
 __all__ = ["SyntheticVolumesDataModule", "SyntheticVolumesDataset", "make_volume_sample"]
 
 VOLUME_CLASS_NAMES = ("background", "blob", "tubes", "dots")
-_SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
 _INTENSITY = {1: 0.7, 2: 1.0, 3: 0.45}
 
 
@@ -113,7 +113,7 @@ def _check_args(num_classes: int, size: int, seed: int, spacing: Sequence[float]
         raise LomixUserError(f"`spacing` must be three positive numbers (D, H, W), got {spacing!r}")
 
 
-class SyntheticVolumesDataset(Dataset):
+class SyntheticVolumesDataset(SeededSamples):
     """Map-style dataset of :func:`make_volume_sample` draws; item ``i`` depends only on ``(seed, split, i)``.
 
     Args:
@@ -140,32 +140,14 @@ class SyntheticVolumesDataset(Dataset):
         spacing: Sequence[float] = (1.0, 1.0, 1.0),
     ) -> None:
         _check_args(num_classes, size, seed, spacing)
-        check_int("num_samples", num_samples, minimum=1)
-        if split not in _SPLIT_IDS:
-            raise LomixUserError(f"`split` must be one of {sorted(_SPLIT_IDS)}, got {split!r}")
-        self.num_samples, self.num_classes, self.size, self.seed, self.split = (
-            num_samples,
-            num_classes,
-            size,
-            seed,
-            split,
-        )
+        super().__init__(num_samples, seed, split)
+        self.num_classes, self.size = num_classes, size
         self.spacing = torch.tensor([float(s) for s in spacing])
 
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor | str]:
-        if not 0 <= index < self.num_samples:
-            raise IndexError(f"index {index} out of range for a dataset of {self.num_samples} samples")
-        rng = np.random.default_rng((self.seed, _SPLIT_IDS[self.split], index))
+    def sample(self, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        """One volume, its mask and the spacing (:func:`make_volume_sample`)."""
         image, mask = make_volume_sample(rng, self.num_classes, self.size)
-        return {
-            "image": torch.from_numpy(image),
-            "mask": torch.from_numpy(mask),
-            "spacing": self.spacing.clone(),
-            "name": f"{self.split}_{index:05d}",
-        }
+        return {"image": torch.from_numpy(image), "mask": torch.from_numpy(mask), "spacing": self.spacing.clone()}
 
 
 class SyntheticVolumesDataModule(pl.LightningDataModule):
