@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lomix_lightning.losses.weighting import LossWeighting
+from lomix_lightning.losses.weighting_base import LossWeighting
 
 ProbeLosses = Callable[[Any], tuple[Tensor, Tensor]]
 """``raw network output -> (main loss (), per-map losses (M,))``, unweighted."""

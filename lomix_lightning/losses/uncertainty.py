@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from lomix_lightning.losses.weighting import LossWeighting
+from lomix_lightning.losses.weighting_base import LossWeighting
 
 
 def uncertainty_weights(log_variance: Tensor) -> Tensor:

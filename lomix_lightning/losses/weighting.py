@@ -8,31 +8,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lomix_lightning.losses.aligned import AlignedWeighting
+from lomix_lightning.losses.uncertainty import UncertaintyWeighting
+from lomix_lightning.losses.weighting_base import LossWeighting
+
+__all__ = [
+    "WEIGHTINGS",
+    "AlignedWeighting",
+    "FixedWeighting",
+    "LossWeighting",
+    "SoftplusWeighting",
+    "UncertaintyWeighting",
+    "WeightingName",
+    "build_weighting",
+    "softplus_weights",
+]
+
 WeightingName = Literal["learned", "fixed", "aligned", "uncertainty"]
-
-
-class LossWeighting(nn.Module):
-    """Interface of a weighting strategy: one non-negative weight per supervised map.
-
-    Subclasses set :attr:`learnable` and implement :meth:`forward`, which returns the ``(M,)`` weights. The total loss
-    is ``sum(weights * per_map_losses)``. Strategies are plain modules: their parameters train with the network under
-    Lightning's automatic optimisation (AMP, accumulation and DDP keep working).
-
-    Args:
-        num_maps: Number ``M`` of supervised maps.
-    """
-
-    learnable: bool = False
-
-    def __init__(self, num_maps: int) -> None:
-        super().__init__()
-        if not isinstance(num_maps, int) or num_maps < 1:
-            raise ValueError(f"num_maps must be an integer >= 1, got {num_maps!r}")
-        self.num_maps = num_maps
-
-    def forward(self) -> Tensor:
-        """The ``(M,)`` weights."""
-        raise NotImplementedError
 
 
 def softplus_weights(alpha: Tensor) -> Tensor:
@@ -95,8 +87,6 @@ class FixedWeighting(LossWeighting):
 
 
 # the strategies beyond the paper live in their own files, which import LossWeighting from here
-from lomix_lightning.losses.aligned import AlignedWeighting  # noqa: E402
-from lomix_lightning.losses.uncertainty import UncertaintyWeighting  # noqa: E402
 
 WEIGHTINGS: dict[str, type[LossWeighting]] = {
     "learned": SoftplusWeighting,
