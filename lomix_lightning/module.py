@@ -239,7 +239,12 @@ class LoMixSegmentationModule(checks.InputChecks, NonFiniteLossGuard):
                 f"the network returned {len(outputs)} maps but num_outputs={self.criterion.num_outputs} "
                 "(read once from the network); a network must return the same number of maps every step"
             )
-        with full_precision(image.device):  # resized in float32, as the loss fuses them (no bf16 interpolation)
+        return self._resized_outputs(outputs, size)
+
+    @staticmethod
+    def _resized_outputs(outputs: Sequence[Tensor], size: Sequence[int]) -> list[Tensor]:
+        """The maps at ``size`` ((H, W) or (D, H, W)), resized in float32 as the loss fuses them (no bf16 resize)."""
+        with full_precision(outputs[0].device):
             return [resize_logits(o.to(fusion_dtype(o.dtype)), size) for o in outputs]
 
     @override

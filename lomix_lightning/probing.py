@@ -10,8 +10,6 @@ from torch import Tensor
 from lomix_lightning.errors import LomixUserError
 from lomix_lightning.inference import as_output_list, combine_outputs
 from lomix_lightning.losses.lomix import LoMixLoss
-from lomix_lightning.losses.precision import full_precision, fusion_dtype
-from lomix_lightning.resize import resize_logits
 
 if TYPE_CHECKING:
     from lomix_lightning.module import LoMixSegmentationModule
@@ -43,9 +41,9 @@ def probe_weighting(module: LoMixSegmentationModule, image: Tensor, mask: Tensor
 
 def probe_losses(module: LoMixSegmentationModule, raw: Any, mask: Tensor) -> tuple[Tensor, Tensor]:
     """The main loss (the map used at inference: ``PL``, or the sum of the maps) and the ``(M,)`` per-map losses."""
-    size = mask.shape[-2:]
-    with full_precision(mask.device):
-        outputs = [resize_logits(o.to(fusion_dtype(o.dtype)), size) for o in as_output_list(raw)]
+    maps = as_output_list(raw)
+    size = tuple(mask.shape[2 - maps[0].ndim :])  # (H, W) or (D, H, W), as in training
+    outputs = module._resized_outputs(maps, size)
     per_map = module.criterion(outputs, mask, check_target=False).per_map
     if module.hparams.inference_output == "last":
         return per_map[module.criterion.map_names.index(f"P{len(outputs)}")], per_map

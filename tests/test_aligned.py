@@ -185,6 +185,31 @@ def test_module_probe_main_loss_is_the_inference_maps(inference_output):
     assert per_map.shape == (module.criterion.num_maps,)
 
 
+def test_module_probe_runs_on_volumes():
+    """3-D maps: the probe resizes to the (D, H, W) of the mask, as training does, and its main loss is PL's."""
+    torch.manual_seed(0)
+
+    class TwoMaps3d(nn.Module):
+        num_outputs = 2
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.coarse, self.fine = nn.Conv3d(1, 3, 3, stride=2, padding=1), nn.Conv3d(1, 3, 3, padding=1)
+
+        def forward(self, x):
+            return [self.coarse(x), self.fine(x)]
+
+    net = TwoMaps3d()
+    module = LoMixSegmentationModule(net, 3, weighting="aligned")
+    image, mask = torch.randn(2, 1, 4, 8, 8), torch.randint(0, 3, (2, 4, 8, 8))
+    raw = net(image)
+    main, per_map = probe_losses(module, raw, mask)
+    assert per_map.shape == (module.criterion.num_maps,)
+    expected = module.criterion([nn.functional.interpolate(raw[0], size=(4, 8, 8), mode="trilinear"), raw[1]], mask)
+    torch.testing.assert_close(per_map, expected.per_map)
+    assert main.item() == pytest.approx(expected.per_map[1].item())
+
+
 def test_one_cli_fit_step_with_aligned_weights(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     args = [
