@@ -34,6 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _memory import cpu_peak_bytes  # noqa: E402
 from reference_loop import ReferenceLoopLoss  # noqa: E402
 from volumes import bench_volumes  # noqa: E402  (the 3-D case, issue #16)
 
@@ -233,16 +234,8 @@ def bench_weightings(args: argparse.Namespace, device: torch.device) -> dict:
     every = AlignedWeighting(1).every
     modules = {name: build_module("lomix", args, weighting=name) for name in ("learned", "aligned")}
     steps = {name: make_module_step(module, args, device) for name, module in modules.items()}
-    for step in steps.values():  # warm-up (the aligned one probes here: its first call always does)
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.rounds_weighting * every):
-        for name, step in steps.items():
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
+    # one warm-up call each (the aligned one probes there: its first call always does), then alternating steps
+    times = interleaved(steps, args.rounds_weighting * every, device)
     seconds = {name: statistics.fmean(t) for name, t in times.items()}
     probe_steps = times["aligned"][every - 1 :: every]  # calls every, 2 every, ... (call 0 was the warm-up)
     aligned = modules["aligned"].criterion.weighting
@@ -270,14 +263,6 @@ def bench_steps(args: argparse.Namespace, device: torch.device) -> dict:
     return {name: statistics.median(t) for name, t in times.items()} | {"_raw": times}
 
 
-def _rss(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def memory_probe(args: argparse.Namespace, device: torch.device) -> dict:
     """Peak memory of one training step above the memory before the first step (run in a fresh process).
 
@@ -297,12 +282,7 @@ def memory_probe(args: argparse.Namespace, device: torch.device) -> dict:
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
-        base = _rss("VmRSS")
-        step()
-        with open("/proc/self/clear_refs", "w") as clear:  # reset the peak to the current resident set
-            clear.write("5")
-        step()
-        peak = _rss("VmHWM") - base
+        peak = cpu_peak_bytes(step)
     return {"label": label, "peak_bytes": peak}
 
 

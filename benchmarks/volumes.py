@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from _memory import cpu_peak_bytes
 
 from lomix_lightning import LoMixLoss
 from lomix_lightning.models import MonaiDynUNet
@@ -85,25 +86,12 @@ def step_call(args: argparse.Namespace, scheme: str, memory_efficient: bool) -> 
     return fn
 
 
-def _rss(key: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def probe(args: argparse.Namespace) -> dict:
     """Peak resident memory of the second call above the resident set before the first (a fresh process)."""
     scheme, flag, memory_efficient = CONFIGS[args.probe]
     os.environ["LOMIX_NATIVE"] = flag
     fn = (loss_call if args.what == "loss" else step_call)(args, scheme, memory_efficient)
-    base = _rss("VmRSS")
-    fn()
-    with open("/proc/self/clear_refs", "w") as clear:  # reset the peak to the current resident set
-        clear.write("5")
-    fn()
-    return {"peak_bytes": _rss("VmHWM") - base}
+    return {"peak_bytes": cpu_peak_bytes(fn)}
 
 
 def bench_volumes(args: argparse.Namespace, interleaved: Callable, rounds: int) -> dict:

@@ -155,10 +155,10 @@ class WeightTrajectoryLogger(Callback):
     def _log_alignment(self, trainer: pl.Trainer) -> None:
         """After each probe of a weighting that measures alignment (``aligned``), log what it measured."""
         weighting = self._criterion.weighting if self._criterion is not None else None
-        probes = getattr(weighting, "probes", None)
-        if probes is None or int(probes) == self._last_probe_logged:
+        probes = getattr(weighting, "probe_count", None)  # a host-side count: nothing read from the device here
+        if probes is None or probes == self._last_probe_logged:
             return
-        self._last_probe_logged = int(probes)
+        self._last_probe_logged = probes
         if trainer.is_global_zero:
             loss = self._loss()
             alignment = weighting.alignment.float().cpu().tolist()

@@ -117,9 +117,7 @@ class SegmentationEvaluator(nn.Module):
                 image, mask = image[0], mask[0]
             if check is not None:
                 check({"image": image, "mask": mask}, "test", images=False)
-            spacing = batch.get("spacing")
-            if isinstance(spacing, Tensor):
-                spacing = spacing.reshape(-1).tolist()
+            spacing = batch_spacings(batch, 1)[0]
             img_size = self.volume_img_size(predict)
             return [evaluate_volume(predict, image, mask, self.num_scored, img_size, spacing=spacing, rule=self.rule)]
         image, mask = check(batch, "test") if check is not None else (batch["image"], batch["mask"])

@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 from rich.console import Console
@@ -18,9 +18,10 @@ from scipy.stats import wilcoxon
 
 from lomix_lightning.cli.errors import OneLineArgumentParser
 from lomix_lightning.errors import LomixUserError
+from lomix_lightning.losses.weighting import WeightingName
 
 SCHEME_ORDER = ("last_layer", "deep_supervision", "mutation", "lomix")
-WEIGHTING_ORDER = ("learned", "fixed", "aligned", "uncertainty")
+WEIGHTING_ORDER = get_args(WeightingName)  # ("learned", "fixed", "aligned", "uncertainty")
 DEMO_ARGS = ("--trainer.max_epochs=8", "--model.init_args.network.init_args.base_channels=8")
 """Without ``--config``, compare runs a lighter demo (8 epochs, a U-Net of width 8) so 12 runs fit in minutes."""
 METRICS = ("test/dice", "test/hd95", "test/iou")

@@ -220,4 +220,6 @@ def report_interrupt(error: SIGTERMException) -> int:
 
 def report_abort() -> int:
     """The line of an abort by Ctrl-C (exit status 130)."""
-    return _error("aborted by Ctrl-C; the last epoch checkpoint (if any) is in the run directory", 130, "stopped")
+    return _error(
+        "aborted by Ctrl-C; the last epoch checkpoint (if any) is in the run directory", EXIT_CODES["SIGINT"], "stopped"
+    )

@@ -134,6 +134,7 @@ class AlignedWeighting(LossWeighting):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))  # calls of maybe_probe
         self.register_buffer("probes", torch.zeros((), dtype=torch.long))  # probes that updated the state
         self._host_steps: int | None = None  # ``steps`` on the host: read once, so a step without probe reads nothing
+        self._host_probes: int | None = 0  # ``probes`` on the host, for loggers that look every step
 
     def forward(self) -> Tensor:
         """The ``(M,)`` weights ``base * (1 + s)``."""
@@ -168,8 +169,17 @@ class AlignedWeighting(LossWeighting):
         alignment = alignment_from_probe(numbers[:-1], numbers[-1]).to(self.state.dtype)
         self.alignment.copy_(alignment)
         self.state.mul_(self.momentum).add_((1.0 - self.momentum) * alignment)
+        count = self.probe_count
         self.probes += 1
+        self._host_probes = count + 1
         return True
+
+    @property
+    def probe_count(self) -> int:
+        """How many probes updated the weights (``probes`` read from the device once after loading, then counted)."""
+        if self._host_probes is None:
+            self._host_probes = int(self.probes)
+        return self._host_probes
 
     def probe(self, network: nn.Module, inputs: Any, losses: ProbeLosses) -> tuple[Tensor, Tensor]:
         """``(M,)`` inner products ``<g_u, g_main>`` and ``|g_main|^2`` on this process's batch.
@@ -193,14 +203,15 @@ class AlignedWeighting(LossWeighting):
             with torch.no_grad():
                 grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
                 norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads))
-                if float(norm) == 0.0 or not math.isfinite(float(norm)):
-                    return torch.zeros(self.num_maps, dtype=torch.float64, device=device), norm.pow(2)
+                # no early return: every rank runs both forwards (SyncBatchNorm); g = 0 moves nothing and gives 0,
+                # a non-finite norm gives non-finite numbers, which every rank skips alike after the reduce
+                safe = torch.where(norm > 0, norm, torch.ones_like(norm))
                 scale = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params))
                 h = self.probe_step * max(float(scale), 1.0)
                 diffs = []
                 for sign in (1.0, -1.0):
                     _set_rng_state(device, rng)
-                    moved = {n: p.detach() + (sign * h / norm).to(p.dtype) * g for n, p, g in zip(names, params, grads)}
+                    moved = {n: p.detach() + (sign * h / safe).to(p.dtype) * g for n, p, g in zip(names, params, grads)}
                     diffs.append(self._call(network, {**moved, **_copies(buffers)}, inputs, losses)[1].double())
                 directional = (diffs[0] - diffs[1]) / (2.0 * h)  # <g_u, g_main / |g_main|>
         return directional * norm, norm.pow(2)
@@ -218,7 +229,7 @@ class AlignedWeighting(LossWeighting):
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
-        self._host_steps = None  # a loaded counter is read again at the next call
+        self._host_steps = self._host_probes = None  # loaded counters are read again at their next use
 
     def extra_repr(self) -> str:
         """Summary shown in ``print(module)``."""

@@ -268,7 +268,7 @@ class LoMixLoss(nn.Module):
                 operators, unused = (), outputs[:-1]
             else:
                 operators = self.operators if self.mutation.subsets else ()  # one map: no subset to fuse
-                stacked, unused = self.mutation.prepare(outputs), ()
+                stacked, unused = self.mutation.stack(outputs, size), ()  # validated above
             check = self.check_target if check_target is None else check_target
             target = checked_target(target, size, stacked.shape[0], self.num_classes, self.ignore_index, check)
             target = target.reshape(stacked.shape[0], *stacked.shape[-2:])  # 3-D: (B, D, H, W) -> (B, D*H, W)

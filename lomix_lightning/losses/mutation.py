@@ -292,8 +292,13 @@ class CombinatorialMutation(nn.Module):
             ``(B, L, C, H, W)``: the maps ``P1..PL``; 3-D maps as ``(B, L, C, D*H, W)`` (see :func:`as_planar`).
         """
         self.validate(outputs)
-        stacked = torch.stack(upsample_to(outputs, self.output_size(outputs), fusion_dtype(outputs[0].dtype)), dim=1)
-        return as_planar(stacked)
+        return self.stack(outputs, self.output_size(outputs))
+
+    @staticmethod
+    def stack(outputs: Sequence[Tensor], size: tuple[int, ...]) -> Tensor:
+        """:meth:`prepare` for outputs already validated, at their :meth:`output_size` ``size``."""
+        stacked = torch.stack(upsample_to(outputs, size, fusion_dtype(outputs[0].dtype)), dim=1)
+        return as_planar(stacked)  # 3-D: (B, L, C, D, H, W) -> (B, L, C, D*H, W)
 
     def fuse(self, operator: str, stacked: Tensor) -> Tensor:
         """One operator's mutants ``(B, K, C, H, W)``, one map per subset in :attr:`subsets` order."""
